@@ -1,0 +1,32 @@
+# Every target creates .venv with the cpu profile first (idempotent, ~2 min on a fresh machine).
+PY := .venv/bin/python
+CONFIG ?= configs/demo-cpu.yaml
+
+.PHONY: install install-gpu demo test test-all lint format tiny clean
+
+install:
+	scripts/install.sh cpu
+
+install-gpu:
+	scripts/install.sh gpu
+
+demo: install
+	$(PY) jobs/pipeline.py --config $(CONFIG)
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+format: install
+	.venv/bin/ruff check --fix . && .venv/bin/ruff format .
+
+tiny: install
+	$(PY) -m mllm_msr.tiny build
+
+clean:
+	rm -rf runs .cache .pytest_cache
