@@ -86,9 +86,7 @@ class RunDir:
         if not self.exists(table_dir):
             return []
         sel = pafs.FileSelector(self.path(table_dir), recursive=True)
-        return sorted(
-            i.path for i in self.fs.get_file_info(sel) if i.path.endswith(".parquet")
-        )
+        return sorted(i.path for i in self.fs.get_file_info(sel) if i.path.endswith(".parquet"))
 
     def read_table(self, table_dir: str, columns: list[str] | None = None) -> pa.Table:
         files = self.table_files(table_dir)
@@ -135,9 +133,12 @@ def has_gpu() -> bool:
         return False
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None,
-             object_store_memory: int | None = 1_000_000_000,
-             runtime_env: dict | None = None) -> Any:
+def init_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    object_store_memory: int | None = 1_000_000_000,
+    runtime_env: dict | None = None,
+) -> Any:
     """Connect to ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray.
 
     The worker environment gets the CPU defaults (offline hub, vLLM CPU settings) unless the
