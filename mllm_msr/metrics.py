@@ -1,0 +1,280 @@
+"""Recommendation metrics of the paper's protocol (DESIGN.md §1.4), in pure numpy.
+
+Every function takes flat, aligned arrays (one row per scored (user, candidate) pair):
+``user_id``, ``label`` (1 = the user's held-out target, 0 = a sampled negative) and ``score``
+(higher = more likely). A *group* is the set of rows of one user.
+
+Definitions
+-----------
+- **AUC** (over all rows): the probability that a random positive row outscores a random
+  negative row, ties counting one half (the Mann-Whitney statistic; the standard AUC). A model
+  that gives every row the same score gets exactly 0.5.
+- **UAUC** (mean per-user AUC): the same statistic inside each group, averaged over groups.
+- **Rank** of a group's positive: ``1 + #negatives whose score >= the positive's score``.
+  Ties are *pessimistic*: a negative that ties the positive ranks above it, so a model that
+  gives every candidate the same score ranks the positive last (HR@1 = 0), never first.
+- **HR@k** = 1 if rank <= k; **MRR@k** = 1 / rank if rank <= k else 0;
+  **NDCG@k** = 1 / log2(rank + 1) if rank <= k else 0 (one relevant item, so the ideal DCG is 1).
+  Each is averaged over the evaluated groups.
+
+Degenerate groups
+-----------------
+The protocol gives each user exactly one positive and N negatives. A group with more than one
+positive is a protocol violation and always raises ``ValueError``. A group with no positive or
+no negative has no defined rank: with ``on_degenerate="skip"`` (default) it is left out of the
+per-user metrics (UAUC, HR, MRR, NDCG) and counted in ``n_users_skipped``; with
+``on_degenerate="raise"`` it raises. The all-rows AUC always uses every row given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+DEFAULT_KS: tuple[int, ...] = (1, 3, 5, 10)
+
+
+def auc(label: np.ndarray, score: np.ndarray, weight: np.ndarray | None = None) -> float:
+    """AUC over all rows (Mann-Whitney, ties count 0.5), optionally with integer row weights.
+
+    Weights let a bootstrap resample users without materializing repeated rows: a row of
+    weight w counts as w copies. Returns NaN when there is no positive or no negative.
+    """
+    label = np.asarray(label).astype(bool)
+    score = np.asarray(score, dtype=np.float64)
+    w = np.ones(len(score)) if weight is None else np.asarray(weight, dtype=np.float64)
+    _check_scores(score)
+    # Distinct score values in ascending order; per value, the weighted positives and negatives.
+    values, inverse = np.unique(score, return_inverse=True)
+    pos = np.bincount(inverse, weights=w * label, minlength=len(values))
+    neg = np.bincount(inverse, weights=w * ~label, minlength=len(values))
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    neg_below = np.cumsum(neg) - neg  # negatives strictly below each value
+    return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+
+@dataclass(frozen=True)
+class GroupRanks:
+    """Per-group results of :func:`group_ranks` (one entry per evaluated group)."""
+
+    users: np.ndarray
+    """User ids of the evaluated groups, sorted."""
+    rank: np.ndarray
+    """Pessimistic rank of the positive (1 = best)."""
+    auc: np.ndarray
+    """Per-group AUC (ties 0.5)."""
+    n_candidates: np.ndarray
+    """Rows in the group."""
+    n_skipped_no_positive: int
+    n_skipped_no_negative: int
+
+
+def group_ranks(
+    user_id: Sequence | np.ndarray,
+    label: Sequence | np.ndarray,
+    score: Sequence | np.ndarray,
+    on_degenerate: Literal["skip", "raise"] = "skip",
+) -> GroupRanks:
+    """Rank each group's single positive among its negatives (ties pessimistic), vectorized."""
+    user_id = np.asarray(user_id)
+    label = np.asarray(label)
+    score = np.asarray(score, dtype=np.float64)
+    if not (len(user_id) == len(label) == len(score)):
+        raise ValueError(
+            f"user_id, label, score differ in length: {len(user_id)}, {len(label)}, {len(score)}"
+        )
+    if on_degenerate not in ("skip", "raise"):
+        raise ValueError(f"on_degenerate must be 'skip' or 'raise', got {on_degenerate!r}")
+    _check_scores(score)
+    if not np.isin(label, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1")
+    is_pos = label.astype(bool)
+
+    users, group = np.unique(user_id, return_inverse=True)
+    n_groups = len(users)
+    n_pos = np.bincount(group, weights=is_pos, minlength=n_groups).astype(np.int64)
+    n_rows = np.bincount(group, minlength=n_groups)
+    n_neg = n_rows - n_pos
+    if (n_pos > 1).any():
+        bad = users[n_pos > 1][:5].tolist()
+        raise ValueError(f"groups with more than one positive (protocol: one), e.g. {bad}")
+    no_pos, no_neg = n_pos == 0, (n_neg == 0) & (n_pos == 1)
+    if on_degenerate == "raise" and (no_pos.any() or no_neg.any()):
+        raise ValueError(
+            f"{int(no_pos.sum())} group(s) without a positive, "
+            f"{int(no_neg.sum())} without a negative, e.g. {users[no_pos | no_neg][:5].tolist()}"
+        )
+
+    # Broadcast each group's positive score to its rows (NaN where the group has none).
+    pos_score = np.full(n_groups, np.nan)
+    pos_score[group[is_pos]] = score[is_pos]
+    row_pos = pos_score[group]
+    neg_rows = ~is_pos
+    above = np.bincount(group, weights=neg_rows & (score > row_pos), minlength=n_groups)
+    tied = np.bincount(group, weights=neg_rows & (score == row_pos), minlength=n_groups)
+    below = n_neg - above - tied
+
+    keep = (n_pos == 1) & (n_neg > 0)
+    rank = (1 + above + tied)[keep].astype(np.int64)
+    group_auc = (below + 0.5 * tied)[keep] / n_neg[keep]
+    return GroupRanks(
+        users=users[keep],
+        rank=rank,
+        auc=group_auc,
+        n_candidates=n_rows[keep],
+        n_skipped_no_positive=int(no_pos.sum()),
+        n_skipped_no_negative=int(no_neg.sum()),
+    )
+
+
+def hit_rate(rank: np.ndarray, k: int) -> np.ndarray:
+    """Per-group HR@k (1.0 or 0.0)."""
+    return (np.asarray(rank) <= k).astype(np.float64)
+
+
+def mrr(rank: np.ndarray, k: int) -> np.ndarray:
+    """Per-group MRR@k (reciprocal rank, 0 beyond k)."""
+    rank = np.asarray(rank, dtype=np.float64)
+    return np.where(rank <= k, 1.0 / rank, 0.0)
+
+
+def ndcg(rank: np.ndarray, k: int) -> np.ndarray:
+    """Per-group NDCG@k for one relevant item (ideal DCG = 1)."""
+    rank = np.asarray(rank, dtype=np.float64)
+    return np.where(rank <= k, 1.0 / np.log2(rank + 1.0), 0.0)
+
+
+def metric_names(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
+    """Names of the metrics :func:`evaluate_scores` returns, in display order."""
+    names = ["auc", "uauc"]
+    for family in ("hr", "mrr", "ndcg"):
+        names += [f"{family}@{k}" for k in ks]
+    return names
+
+
+def evaluate_scores(
+    table: pa.Table | None = None,
+    *,
+    user_id: Sequence | np.ndarray | None = None,
+    label: Sequence | np.ndarray | None = None,
+    score: Sequence | np.ndarray | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    on_degenerate: Literal["skip", "raise"] = "skip",
+) -> dict[str, float | int]:
+    """All metrics of the protocol for one method's scores.
+
+    Pass either a pyarrow ``table`` with columns ``user_id``, ``label``, ``score`` (e.g. the
+    SCORES table of one method) or the three arrays as keywords.
+
+    Returns a flat dict: ``auc``, ``uauc``, ``hr@k``, ``mrr@k``, ``ndcg@k`` for each k (fractions
+    in [0, 1], not ×100), ``n_rows`` (rows given), ``n_users`` (groups in the per-user
+    metrics), ``n_users_skipped`` (groups with no positive or no negative) and
+    ``n_candidates_per_user`` (the mean group size).
+
+    >>> m = evaluate_scores(user_id=["u", "u", "u"], label=[1, 0, 0], score=[0.5, 0.5, 0.1])
+    >>> m["auc"], m["hr@1"], m["mrr@3"]
+    (0.75, 0.0, 0.5)
+    """
+    user_id, label, score = _columns(table, user_id, label, score)
+    ks = [int(k) for k in ks]
+    if any(k < 1 for k in ks):
+        raise ValueError(f"ks must be >= 1, got {ks}")
+    g = group_ranks(user_id, label, score, on_degenerate=on_degenerate)
+    out: dict[str, float | int] = {"auc": auc(label, score)}
+    out.update(_per_user_means(g.rank, g.auc, ks, weight=None))
+    out["n_rows"] = int(len(score))
+    out["n_users"] = int(len(g.rank))
+    out["n_users_skipped"] = g.n_skipped_no_positive + g.n_skipped_no_negative
+    out["n_candidates_per_user"] = float(g.n_candidates.mean()) if len(g.rank) else float("nan")
+    return out
+
+
+def bootstrap_ci(
+    table: pa.Table | None = None,
+    *,
+    user_id: Sequence | np.ndarray | None = None,
+    label: Sequence | np.ndarray | None = None,
+    score: Sequence | np.ndarray | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap confidence intervals over users (resampled with replacement).
+
+    Each replicate draws as many users as were evaluated; a user drawn c times counts c times
+    in every metric, including the all-rows AUC (computed with row weights). Degenerate groups
+    are skipped as in :func:`evaluate_scores`. Returns ``{metric: (low, high)}``.
+    """
+    user_id, label, score = _columns(table, user_id, label, score)
+    g = group_ranks(user_id, label, score, on_degenerate="skip")
+    n = len(g.users)
+    if n == 0:
+        raise ValueError("no evaluable user groups to bootstrap")
+    # Rows of evaluated groups, and the index of each row's group among g.users.
+    row_group = np.searchsorted(g.users, user_id)
+    in_eval = (row_group < n) & (g.users[np.minimum(row_group, n - 1)] == user_id)
+    row_group, row_label, row_score = row_group[in_eval], label[in_eval], score[in_eval]
+
+    rng = np.random.default_rng(seed)
+    names = metric_names(ks)
+    samples = {name: np.empty(n_boot) for name in names}
+    for b in range(n_boot):
+        counts = np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
+        samples["auc"][b] = auc(row_label, row_score, weight=counts[row_group])
+        for name, value in _per_user_means(g.rank, g.auc, ks, weight=counts).items():
+            samples[name][b] = value
+    lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
+    return {
+        name: (float(np.percentile(v, lo)), float(np.percentile(v, hi)))
+        for name, v in samples.items()
+    }
+
+
+# internals ----------------------------------------------------------------------------------
+
+
+def _per_user_means(
+    rank: np.ndarray, group_auc: np.ndarray, ks: Sequence[int], weight: np.ndarray | None
+) -> dict[str, float]:
+    """Weighted means over groups of UAUC and HR/MRR/NDCG@k (NaN when there is no group)."""
+    if len(rank) == 0:
+        return {name: float("nan") for name in metric_names(ks)[1:]}
+    out = {"uauc": float(np.average(group_auc, weights=weight))}
+    for name, fn in (("hr", hit_rate), ("mrr", mrr), ("ndcg", ndcg)):
+        for k in ks:
+            out[f"{name}@{k}"] = float(np.average(fn(rank, k), weights=weight))
+    return out
+
+
+def _columns(table, user_id, label, score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if table is not None:
+        if any(x is not None for x in (user_id, label, score)):
+            raise ValueError("pass either a table or the user_id/label/score arrays, not both")
+        missing = [c for c in ("user_id", "label", "score") if c not in table.column_names]
+        if missing:
+            raise ValueError(f"scores table misses column(s) {missing}")
+        user_id = table.column("user_id").to_numpy(zero_copy_only=False)
+        label = table.column("label").to_numpy(zero_copy_only=False)
+        score = table.column("score").to_numpy(zero_copy_only=False)
+    if user_id is None or label is None or score is None:
+        raise ValueError("user_id, label and score are all required")
+    user_id, label = np.asarray(user_id), np.asarray(label).astype(np.int64)
+    score = np.asarray(score, dtype=np.float64)
+    if not (len(user_id) == len(label) == len(score)):
+        raise ValueError(
+            f"user_id, label, score differ in length: {len(user_id)}, {len(label)}, {len(score)}"
+        )
+    return user_id, label, score
+
+
+def _check_scores(score: np.ndarray) -> None:
+    """NaN has no order: refuse it rather than rank it arbitrarily (±inf is fine)."""
+    if np.isnan(score).any():
+        raise ValueError(f"{int(np.isnan(score).sum())} score(s) are NaN")
