@@ -49,6 +49,12 @@ class EngineConfig:
     cpu_kvcache_space_gib: int = 1
     """KV cache size on CPU (``VLLM_CPU_KVCACHE_SPACE``); ignored on GPU."""
     seed: int = 0
+    enable_lora: bool = False
+    """Allow LoRA adapters per request (``VLLMEngine.score_yes_no(..., lora_path=...)``)."""
+    max_lora_rank: int = 16
+    """Largest LoRA rank the engine accepts (must be >= the adapter's r)."""
+    max_loras: int = 1
+    """LoRA adapters resident at once."""
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:

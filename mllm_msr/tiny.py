@@ -1,0 +1,445 @@
+"""Tiny random-weight models built fully offline, for the CPU demo and the tests.
+
+No model hub is reachable here, so the demo and the tests run on models built from scratch:
+
+* ``qwen2-vl``: a 2-layer Qwen2-VL (vision tower + language model) with its processor
+  (the item summarizer and the recommender of the demo);
+* ``qwen2``: a 2-layer Qwen2 text LLM (the preference summarizer of the demo).
+
+Each has a byte-level BPE tokenizer trained locally on a built-in English corpus, carrying the
+family's special tokens (``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``, and for Qwen2-VL
+``<|vision_start|>``, ``<|image_pad|>``, ...) and the family's chat template. ``Yes`` and ``No``
+are single tokens (the recommender scores the first answer token). Weights are random but seeded:
+building twice gives byte-identical files. Head size 32 is one vLLM's CPU attention supports.
+
+Models are saved under ``<cache_dir>/tiny/<name>/`` with a stamp file and reused while the stamp
+matches :data:`TINY_VERSION`. A build writes to a temporary folder and renames it into place, so
+concurrent builders (several Ray actors on one node) never see a half-written model.
+
+Usage::
+
+    path = resolve_model("tiny:qwen2-vl")          # builds once, then reuses
+    python -m mllm_msr.tiny build --names qwen2-vl qwen2
+
+Training note (transformers 5.19): the Qwen2-VL training forward needs ``mm_token_type_ids``
+(used for M-RoPE positions) whenever ``pixel_values`` are given. ``Qwen2VLProcessor`` returns it
+by default (``return_mm_token_type_ids=True``); pass the processor's whole output to the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+TINY_VERSION = 1
+"""Bump when anything that changes the built files changes (corpus, sizes, template)."""
+
+TINY_PREFIX = "tiny:"
+STAMP_FILE = "mllm_msr_tiny.json"
+VOCAB_SIZE = 2048
+"""Target BPE vocabulary size (the corpus may support fewer merges)."""
+
+# --------------------------------------------------------------------------- chat templates
+
+QWEN_CHAT_TEMPLATE = (
+    "{%- set image_count = namespace(value=0) -%}"
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{%- endif -%}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{%- if message['content'] is string -%}"
+    "{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] in ('image', 'image_url', 'image_pil') or 'image' in part -%}"
+    "{%- set image_count.value = image_count.value + 1 -%}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif 'text' in part -%}"
+    "{{ part['text'] }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "<|im_end|>\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "<|im_start|>assistant\n"
+    "{%- endif -%}"
+)
+"""Qwen2(-VL)-style ChatML template. Image parts (``{"type": "image"}``, ``image_url``,
+``image_pil``) render as ``<|vision_start|><|image_pad|><|vision_end|>``; the text-only Qwen2
+template is the same (it never receives image parts)."""
+
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_VL_SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS + [
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# --------------------------------------------------------------------------- corpus
+
+_WORDS = """
+Yes No yes no YES NO Yes. No. true false maybe
+red orange yellow green blue purple violet pink brown black white grey gray gold silver
+beige navy teal cyan magenta maroon olive turquoise crimson dark light bright pale colour color
+colours colors colourful colorful
+circle circles square squares triangle triangles star stars heart hearts rectangle diamond
+hexagon oval ellipse line lines dot dots shape shapes round pointed
+striped stripes dotted spotted checked checkered plain solid gradient pattern patterns
+zigzag wavy grid floral geometric abstract textured smooth
+big small large tiny huge little wide narrow tall short thin thick
+image images picture photo photos cover video videos item items title titles text description
+describe summary summarize summarise preference preferences user users history watched
+interact interaction interactions recommend recommendation next opportunity previous
+chronological list content visual style visual features objects notable elements present
+paragraph continuous detailed clear concise answer question response respond only
+based on the a an of and or in to with for is are was were this that these those it its
+their they he she we you your his her them our as at by from be been being have has had
+do does did not no any other words space punctuation include including about also known
+aspects appears start should would could will can may must keep repeat details
+please provide information following below above given one two three four five six seven
+eight nine ten first second last new old good bad best favourite favorite like likes liked
+enjoy enjoys enjoyed prefer prefers preferred love loves loved
+music movie movies film films game games book books toy toys baby clothes shoe shoes bag
+sport sports travel food cooking art painting drawing design poster sticker card mug shirt
+dress hat lamp chair table cup bottle phone watch ball kite flag box
+system assistant helpful You are a helpful assistant. user model
+"""
+
+_SENTENCES = """
+You are a helpful assistant.
+Please describe this image, which is the cover of an item. Provide a detailed description in
+one continuous paragraph, including content information and visual features such as colors,
+objects, text, and any notable elements present in the image.
+The image shows a red circle on a white background.
+The image shows a blue square with green stripes.
+The cover shows a yellow star and a purple triangle with a dotted pattern.
+Below is a chronological list of items previously watched by the user:
+1. Title: Red Circle, Description: a red circle on a plain background.
+2. Title: Blue Striped Square, Description: a blue square with white stripes.
+3. Title: Green Dotted Triangle, Description: a green triangle with dots.
+We also know the user's previous preference:
+Based on the content and visual style of the items listed above, please summarize the user's
+preferences in one continuous paragraph. Only provide information about the user's preferences;
+do not repeat details about the previously watched items. Keep it clear and concise.
+The answer should start with 'The user appears to have a preference for'.
+The user appears to have a preference for bright colours, round shapes and striped patterns.
+Based on the previous interaction history, the user's preference can be summarized as:
+Please predict whether this user would interact with the item at the next opportunity.
+The item's title is 'Orange Wavy Hexagon', and the given image is this item's cover.
+Please only respond 'Yes' or 'No'.
+Answer with Yes or No.
+Yes
+No
+"""
+
+
+def _corpus() -> list[str]:
+    """A small fixed corpus: every word several times, the sentences, digits and punctuation."""
+    words = _WORDS.split()
+    lines = [line.strip() for line in _SENTENCES.strip().splitlines() if line.strip()]
+    corpus: list[str] = []
+    for rep in range(8):
+        corpus.extend(" ".join(words[i : i + 12]) for i in range(rep % 3, len(words), 12))
+        corpus.extend(lines)
+        corpus.append(" ".join(str(n) for n in range(rep * 50, rep * 50 + 50)))
+    corpus.extend(["Yes", "No", " Yes", " No"] * 64)
+    corpus.append("0123456789 .,:;!?'\"()[]{}<>-_/\\|@#$%^&*+=~`")
+    return corpus
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of one tiny model family."""
+
+    name: str
+    family: str
+    """``qwen2_vl`` or ``qwen2`` (a key of the prompt family registry)."""
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    """hidden_size / num_heads = 32: a head size vLLM's CPU attention supports."""
+    num_kv_heads: int = 1
+    vision_embed_dim: int = 32
+    vision_depth: int = 2
+    vision_heads: int = 1
+    image_min_pixels: int = 56 * 56
+    image_max_pixels: int = 224 * 224
+    """At most 16x16 patches of 14 px, merged 2x2: <= 64 image tokens per image."""
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.2
+    """Larger than usual so that different inputs give visibly different random outputs."""
+    seed: int = 0
+
+
+TINY_SPECS: dict[str, TinySpec] = {
+    "qwen2-vl": TinySpec(name="qwen2-vl", family="qwen2_vl"),
+    "qwen2": TinySpec(name="qwen2", family="qwen2", seed=1),
+}
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(special_tokens: list[str], chat_template: str, vocab_size: int = VOCAB_SIZE):
+    """Train a byte-level BPE on the built-in corpus and wrap it as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=[
+            t for t in special_tokens if t not in ("<|im_end|>", "<|endoftext|>")
+        ],
+        chat_template=chat_template,
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
+    for word in ("Yes", "No"):
+        ids = hf_tok.encode(word, add_special_tokens=False)
+        if len(ids) != 1:
+            raise RuntimeError(f"tiny tokenizer: {word!r} is not one token: {ids}")
+    return hf_tok
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _build_qwen2_vl(spec: TinySpec, out: Path) -> None:
+    import torch
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tok = build_tokenizer(QWEN_VL_SPECIAL_TOKENS, QWEN_CHAT_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_VL_SPECIAL_TOKENS}
+    head_dim = spec.hidden_size // spec.num_heads
+    # M-RoPE splits the rotary half-dimension into (temporal, height, width) sections.
+    half = head_dim // 2
+    mrope = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": spec.hidden_size,
+            "intermediate_size": spec.intermediate_size,
+            "num_hidden_layers": spec.num_layers,
+            "num_attention_heads": spec.num_heads,
+            "num_key_value_heads": spec.num_kv_heads,
+            "max_position_embeddings": spec.max_position_embeddings,
+            "max_window_layers": spec.num_layers,
+            "initializer_range": spec.initializer_range,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": mrope,
+            },
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": spec.vision_depth,
+            "embed_dim": spec.vision_embed_dim,
+            "hidden_size": spec.hidden_size,
+            "num_heads": spec.vision_heads,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "initializer_range": spec.initializer_range,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["Qwen2VLForConditionalGeneration"]
+    torch.manual_seed(spec.seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    _finish_generation_config(model, ids)
+    model.save_pretrained(out)
+
+    size = {"shortest_edge": spec.image_min_pixels, "longest_edge": spec.image_max_pixels}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size),
+        video_processor=Qwen2VLVideoProcessor(size=size),
+        tokenizer=tok,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _build_qwen2(spec: TinySpec, out: Path) -> None:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = build_tokenizer(QWEN_SPECIAL_TOKENS, QWEN_CHAT_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        max_window_layers=spec.num_layers,
+        initializer_range=spec.initializer_range,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["Qwen2ForCausalLM"]
+    torch.manual_seed(spec.seed)
+    model = Qwen2ForCausalLM(config).eval()
+    _finish_generation_config(model, ids)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _finish_generation_config(model, ids: dict[str, int]) -> None:
+    gen = model.generation_config
+    gen.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    gen.pad_token_id = ids["<|endoftext|>"]
+    gen.bos_token_id = ids["<|endoftext|>"]
+    gen.do_sample = False
+
+
+_BUILDERS = {"qwen2_vl": _build_qwen2_vl, "qwen2": _build_qwen2}
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def default_cache_dir() -> Path:
+    """``$MLLM_MSR_CACHE`` or ``<repository>/.cache/mllm_msr``."""
+    env = os.environ.get("MLLM_MSR_CACHE")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / ".cache" / "mllm_msr"
+
+
+def _stamp(spec: TinySpec) -> dict:
+    return {"version": TINY_VERSION, "name": spec.name, "family": spec.family, "seed": spec.seed}
+
+
+def _is_current(path: Path, spec: TinySpec) -> bool:
+    try:
+        return json.loads((path / STAMP_FILE).read_text()) == _stamp(spec)
+    except (OSError, ValueError):
+        return False
+
+
+def build_tiny(name: str, cache_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Build the tiny model ``name`` (a key of :data:`TINY_SPECS`) unless a current copy exists.
+
+    Returns ``<cache_dir>/tiny/<name>``. Safe to call from several processes at once.
+    """
+    if name not in TINY_SPECS:
+        raise ValueError(f"unknown tiny model {name!r}; known: {sorted(TINY_SPECS)}")
+    spec = TINY_SPECS[name]
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = root / "tiny" / name
+    if not force and _is_current(final, spec):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=final.parent))
+    try:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        _BUILDERS[spec.family](spec, tmp)
+        (tmp / STAMP_FILE).write_text(json.dumps(_stamp(spec), sort_keys=True) + "\n")
+        if final.exists() and (force or not _is_current(final, spec)):
+            # Move the stale copy aside first; a concurrent reader keeps its open files.
+            stale = final.parent / f".{name}.stale-{uuid.uuid4().hex}"
+            try:
+                os.rename(final, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Another builder renamed its copy first; use it if it is current.
+            if not _is_current(final, spec):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_model(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """Map ``tiny:<name>`` to the local path of the built tiny model; return others unchanged.
+
+    Any other string is a local path or a hub id that the user provides (never downloaded
+    here: runs are offline).
+    """
+    if spec.startswith(TINY_PREFIX):
+        return str(build_tiny(spec[len(TINY_PREFIX) :], cache_dir))
+    return spec
+
+
+def tiny_family(spec: str) -> str | None:
+    """The prompt family of a ``tiny:<name>`` spec, or None for other models."""
+    if spec.startswith(TINY_PREFIX) and spec[len(TINY_PREFIX) :] in TINY_SPECS:
+        return TINY_SPECS[spec[len(TINY_PREFIX) :]].family
+    return None
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m mllm_msr.tiny", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build (or reuse) tiny models and print their paths")
+    build.add_argument(
+        "--cache-dir", default=None, help="default: $MLLM_MSR_CACHE or .cache/mllm_msr"
+    )
+    build.add_argument("--names", nargs="+", default=sorted(TINY_SPECS), choices=sorted(TINY_SPECS))
+    build.add_argument(
+        "--force", action="store_true", help="rebuild even when a current copy exists"
+    )
+    args = parser.parse_args(argv)
+    for name in args.names:
+        print(build_tiny(name, args.cache_dir, force=args.force))
+
+
+if __name__ == "__main__":
+    main()
