@@ -122,6 +122,27 @@ class IngestConfig:
     demo_items: int = 120
     demo_seed: int = 0
     num_shards: int = 4
+    """Minimum number of blocks the inputs are read / generated in (parallelism, output files)."""
+    user_column: Optional[str] = None
+    """Interactions column holding the user id (generic/microlens CSV; default: user_id, user)."""
+    item_column: Optional[str] = None
+    """Column holding the item id in both files (default: item_id, item, parent_asin)."""
+    timestamp_column: Optional[str] = None
+    """Interactions timestamp column (default: timestamp, time, ts)."""
+    timestamp_unit: Literal["s", "ms"] = "s"
+    """Unit of the generic interactions' timestamps; stored in seconds."""
+    title_column: Optional[str] = None
+    """Items title column (default: title)."""
+    text_column: Optional[str] = None
+    """Items description column (default: text, description; optional)."""
+    image_column: Optional[str] = None
+    """Items column of image paths relative to ``image_dir`` or ``root`` ("|"-separated or a list)."""
+    max_images_per_item: int = 4
+    """Images kept per item (the first ones; each is summarized, then fused)."""
+    image_extensions: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp"])
+    """Extensions tried for images named by item id in ``image_dir``."""
+    demo_block_users: int = 2000
+    """Users per generated block of the demo interactions (bounds the memory of one task)."""
 
 
 @dataclass
@@ -135,6 +156,8 @@ class PrepareConfig:
     train_negatives: int = 1
     eval_negatives: int = 20
     seed: int = 42
+    num_blocks: int = 4
+    """Blocks the users are processed in (outputs do not depend on it)."""
 
     def __post_init__(self) -> None:
         if len(self.split_ratios) != 3 or abs(sum(self.split_ratios) - 1.0) > 1e-6:
@@ -165,6 +188,10 @@ class UserPreferencesConfig:
     block_size: int = 3
     use_item_summaries: bool = True
     """When false, blocks show titles only (the paper's no-image-summary ablation)."""
+    missing_summary: Literal["title", "quarantine"] = "title"
+    """History items without a summary: show the title only (counted), or quarantine the user."""
+    noun: str = "item"
+    """What the prompts call an item ("video" for MicroLens, "product" for Amazon)."""
 
 
 @dataclass
@@ -213,6 +240,23 @@ class TrainConfig:
     seed: int = 0
     merge_adapter: bool = False
     """Also export merged full weights next to the adapter."""
+    checkpoints_to_keep: int = 2
+    """Ray Train checkpoints kept in ``<run_dir>/train/`` (older ones are deleted)."""
+    log_every: int = 10
+    """Report the training loss to Ray Train every this many optimizer steps."""
+    eval_samples: int = 256
+    """Validation samples (at most) whose mean loss is computed at the end; 0 disables."""
+    missing_preference: Literal["titles", "quarantine"] = "titles"
+    """Users without a final preference: use their history's titles as the preference text
+    (counted as ``fallback_users``), or quarantine their samples."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_workers", "micro_batch_size", "grad_accum_steps", "checkpoint_every",
+                     "checkpoints_to_keep", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1")
+        if self.max_failures < -1:
+            raise ConfigError("train.max_failures must be >= -1 (-1: retry forever)")
 
 
 @dataclass

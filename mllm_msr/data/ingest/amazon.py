@@ -1,0 +1,139 @@
+"""Amazon Reviews 2023 adapter (McAuley Lab; ``<Category>.jsonl`` + ``meta_<Category>.jsonl``).
+
+- reviews JSONL: one review per line with ``user_id``, ``parent_asin`` (the item id; ``asin``
+  as a fallback) and ``timestamp`` in milliseconds (stored in seconds);
+- metadata JSONL: ``parent_asin``, ``title``, ``features`` and ``description`` (lists of strings,
+  joined into the item text) and ``images``: a list of ``{"large", "hi_res", "thumb", ...}`` URLs.
+  The first ``cfg.max_images_per_item`` images are fetched (``large``, else ``hi_res``, else
+  ``thumb``) with a timeout, bounded retries and a concurrency limit.
+
+Lines that are not JSON objects are quarantined (``bad_json``) with their line prefix as key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+
+from mllm_msr.config import IngestConfig
+from mllm_msr.data.ingest.common import (
+    INTERACTION_ROWS,
+    RAW_ITEM_ROWS,
+    interaction_row,
+    item_row,
+    qsource,
+    reject,
+    resolve,
+    rows_table,
+)
+from mllm_msr.data.ingest.sources import Sources
+
+
+def _load(line: str) -> dict | None:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def parse_reviews(batch: pa.Table, source: str) -> pa.Table:
+    rows = []
+    for line in batch["text"].to_pylist():
+        obj = _load(line)
+        if obj is None:
+            rows.append(
+                reject(
+                    {"q_source": source},
+                    "bad_json",
+                    f"not a JSON object: {line[:200]!r}",
+                    key=line[:80],
+                )
+            )
+            continue
+        item = obj.get("parent_asin") or obj.get("asin")
+        row = interaction_row(
+            obj.get("user_id"),
+            item,
+            obj.get("timestamp"),
+            source,
+            key=f"{obj.get('user_id')}|{item}",
+        )
+        if row["q_reason"] is None:
+            row["timestamp"] //= 1000  # milliseconds -> seconds
+        rows.append(row)
+    return rows_table(rows, INTERACTION_ROWS)
+
+
+def _join(value) -> str:
+    if isinstance(value, list):
+        return " ".join(str(v).strip() for v in value if v)
+    return str(value or "").strip()
+
+
+def image_urls(images) -> list[str]:
+    urls = []
+    for img in images or []:
+        if isinstance(img, dict):
+            url = img.get("large") or img.get("hi_res") or img.get("thumb")
+        else:
+            url = img if isinstance(img, str) else None
+        if url:
+            urls.append(str(url))
+    return urls
+
+
+def parse_meta(batch: pa.Table, source: str, cfg: IngestConfig) -> pa.Table:
+    rows = []
+    for line in batch["text"].to_pylist():
+        obj = _load(line)
+        if obj is None:
+            rows.append(
+                reject(
+                    {"q_source": source},
+                    "bad_json",
+                    f"not a JSON object: {line[:200]!r}",
+                    key=line[:80],
+                )
+            )
+            continue
+        text = " ".join(t for t in (_join(obj.get("features")), _join(obj.get("description"))) if t)
+        rows.append(
+            item_row(
+                obj.get("parent_asin") or obj.get("asin"),
+                obj.get("title"),
+                text,
+                image_urls(obj.get("images")),
+                source,
+                cfg,
+            )
+        )
+    return rows_table(rows, RAW_ITEM_ROWS)
+
+
+def _find(root: str, meta: bool) -> str:
+    hits = sorted(p for p in Path(root).glob("*.jsonl") if p.name.startswith("meta_") == meta)
+    if not hits:
+        raise FileNotFoundError(f"amazon: no {'meta_*' if meta else 'reviews'} .jsonl under {root}")
+    return str(hits[0])
+
+
+def amazon_sources(cfg: IngestConfig) -> Sources:
+    import ray.data
+
+    if not cfg.root:
+        raise ValueError("ingest.root is required for format=amazon")
+    reviews = resolve(cfg.root, cfg.interactions) if cfg.interactions else _find(cfg.root, False)
+    meta = resolve(cfg.root, cfg.items) if cfg.items else _find(cfg.root, True)
+    n = cfg.num_shards
+    inter_ds = ray.data.read_text(reviews, override_num_blocks=n).map_batches(
+        parse_reviews,
+        fn_kwargs={"source": qsource("interactions", reviews)},
+        batch_format="pyarrow",
+    )
+    items_ds = ray.data.read_text(meta, override_num_blocks=n).map_batches(
+        parse_meta, fn_kwargs={"source": qsource("items", meta), "cfg": cfg}, batch_format="pyarrow"
+    )
+    return Sources(items_ds, inter_ds, None, "urls", meta, reviews)

@@ -1,0 +1,91 @@
+"""Ingest stage: a raw dataset -> ``items/``, ``interactions/``, ``quarantine/ingest/``.
+
+Streaming Ray Data pipeline (see :mod:`mllm_msr.data.ingest.common`). Idempotent: a completed
+stage (marker present) is not rerun; an unfinished one first deletes its partial outputs, so a
+rerun after a crash never duplicates rows.
+"""
+
+from __future__ import annotations
+
+import time
+
+from mllm_msr.config import PipelineConfig
+from mllm_msr.data import schema
+from mllm_msr.data.ingest import adapter
+from mllm_msr.data.ingest.common import (
+    ImageLoader,
+    dedupe,
+    dedupe_interactions,
+    dedupe_items,
+    write_routed,
+)
+from mllm_msr.runtime import RunDir, init_ray
+
+STAGE = "ingest"
+OUTPUTS = ("items", "interactions", f"quarantine/{STAGE}")
+
+
+def _counts(kind: str, written: int, quarantined: dict[str, int]) -> dict:
+    by_reason = {
+        k.split("|", 1)[1]: v for k, v in sorted(quarantined.items()) if k.split("|", 1)[0] == kind
+    }
+    q = sum(by_reason.values())
+    return {
+        "read": written + q,
+        "written": written,
+        "quarantined": q,
+        "quarantined_by_reason": by_reason,
+    }
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"[ingest] format={s['format']} in {s['seconds']:.1f} s"]
+    for kind in ("items", "images", "interactions"):
+        c = s[kind]
+        lines.append(
+            f"  {kind:<13} read {c['read']:>9}  written {c['written']:>9}  "
+            f"quarantined {c['quarantined']:>7} {c['quarantined_by_reason'] or ''}"
+        )
+    return "\n".join(lines)
+
+
+def run_ingest(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
+    """Run (or skip, when complete) the ingest stage; returns its summary."""
+    if run.stage_done(STAGE):
+        return run.stage_summary(STAGE) or {}
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+    for table in OUTPUTS:  # partial outputs of a crashed run
+        run.remove(table)
+    t0 = time.perf_counter()
+    icfg = cfg.ingest
+    src = adapter(icfg.format)(icfg)
+    items, interactions = src.items, src.interactions
+    if not src.final:
+        parts = max(1, icfg.num_shards)
+        items = dedupe(items, "item_id", dedupe_items, parts)
+        items = items.map_batches(
+            ImageLoader(icfg, src.image_root, src.image_source),
+            batch_format="pyarrow",
+            batch_size=64,
+        )
+        interactions = dedupe(interactions, "user_id", dedupe_interactions, parts)
+    it = write_routed(items, run, "items", schema.ITEMS)
+    ia = write_routed(interactions, run, "interactions", schema.INTERACTIONS)
+    quarantined = {**it["quarantined"], **ia["quarantined"]}
+    summary = {
+        "format": icfg.format,
+        "items_file": src.items_file,
+        "interactions_file": src.interactions_file,
+        "items": _counts("items", it["written"], quarantined),
+        "images": _counts("images", it["images"], quarantined),
+        "interactions": _counts("interactions", ia["written"], quarantined),
+    }
+    summary["rows_in"] = summary["items"]["read"] + summary["interactions"]["read"]
+    summary["rows_out"] = it["written"] + ia["written"]
+    summary["quarantined"] = (
+        summary["items"]["quarantined"] + summary["interactions"]["quarantined"]
+    )
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    log(format_summary(summary))
+    run.mark_done(STAGE, summary)
+    return summary
