@@ -1,0 +1,168 @@
+"""Turn SFT samples into model inputs: chat prompt + fixed-size image + supervised answer.
+
+One sample is encoded as ``prompt ids (processor: chat template + image tokens) + answer ids``.
+The answer ids are appended after the prompt's generation header, so the supervised position is
+exactly the one the scorer reads (the first answer token's logits after the prompt), and
+``labels`` are ``-100`` everywhere but on the answer tokens.
+
+Images are resized to a fixed square (``TrainConfig.image_size``, rounded to the processor's
+patch grid), so every image costs the same number of tokens. When a sample is longer than
+``max_length``, the preference text is shortened (then the item summary, if the preference alone
+is not enough); image tokens and the answer are never cut. :attr:`RecommenderCollator.shortened`
+counts the shortened samples.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from mllm_msr import prompts
+
+IGNORE_INDEX = -100
+"""Label value the loss ignores."""
+
+SHORTENABLE_FIELDS = ("preference", "summary")
+"""Sample fields cut (in this order) when a prompt does not fit ``max_length``."""
+
+
+def fixed_side(image_size: int, processor: Any) -> int:
+    """``image_size`` rounded to the processor's patch grid (patch x merge for Qwen2-VL)."""
+    image_processor = getattr(processor, "image_processor", None)
+    factor = getattr(image_processor, "patch_size", None) or 1
+    factor *= getattr(image_processor, "merge_size", None) or 1
+    return max(factor, round(image_size / factor) * factor)
+
+
+def load_image(data: bytes, side: int) -> Image.Image:
+    """Decode image bytes to RGB and resize to ``side`` x ``side``."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+
+
+class RecommenderCollator:
+    """Encode and pad SFT samples (dicts with ``preference``, ``title``, ``summary``, ``image``,
+    ``label``) into a batch for the recommender's forward pass.
+
+    Args:
+        processor: the model's processor (or a tokenizer for text-only models).
+        max_length: the longest sequence allowed (prompt with image tokens + answer).
+        image_size: requested side of the square image.
+        with_image: give the candidate image to the model (False: text-only prompts).
+    """
+
+    def __init__(self, processor: Any, max_length: int, image_size: int, with_image: bool = True):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.max_length = max_length
+        self.multimodal_processor = hasattr(processor, "image_processor")
+        self.with_image = with_image and self.multimodal_processor
+        self.side = fixed_side(image_size, processor)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.shortened = 0
+        """Samples whose text was shortened to fit ``max_length`` (since construction)."""
+        self.encoded = 0
+
+    # ----------------------------------------------------------------- one sample
+    def answer_ids(self, label: int) -> list[int]:
+        return self.tokenizer(prompts.answer_text(int(label)), add_special_tokens=False)[
+            "input_ids"
+        ]
+
+    def _encode_prompt(self, fields: dict[str, str], image: Image.Image | None) -> dict:
+        messages = prompts.recommender_messages(
+            fields["preference"], fields["title"], fields["summary"], with_image=image is not None
+        )
+        templater = (
+            self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
+        )
+        text = templater.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if self.multimodal_processor:
+            # Text-only samples go through the processor too, so that every sample of a batch
+            # has the same keys (e.g. Qwen2-VL's ``mm_token_type_ids``).
+            images = [image] if image is not None else None
+            enc = self.processor(
+                text=[text], images=images, return_tensors="pt", add_special_tokens=False
+            )
+        else:
+            enc = self.tokenizer([text], return_tensors="pt", add_special_tokens=False)
+        return dict(enc)
+
+    def _shorten(self, text: str, excess: int) -> str:
+        """Drop about ``excess`` tokens from the end of ``text``; always returns shorter text."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        keep = max(0, len(ids) - excess)
+        short = self.tokenizer.decode(ids[:keep], skip_special_tokens=True) if keep else ""
+        return short if len(short) < len(text) else text[: len(text) // 2]
+
+    def encode(self, sample: dict) -> dict[str, Any]:
+        """Encode one sample; returns the processor outputs (batch dim 1) plus ``labels``."""
+        fields = {
+            "preference": sample.get("preference") or "",
+            "title": sample.get("title") or "",
+            "summary": sample.get("summary") or "",
+        }
+        data = sample.get("image")
+        image = load_image(data, self.side) if self.with_image and data else None
+        answer = self.answer_ids(sample["label"])
+        enc = self._encode_prompt(fields, image)
+        shortened = False
+        for name in SHORTENABLE_FIELDS:
+            while enc["input_ids"].shape[1] + len(answer) > self.max_length and fields[name]:
+                excess = enc["input_ids"].shape[1] + len(answer) - self.max_length
+                fields[name] = self._shorten(fields[name], excess)
+                enc = self._encode_prompt(fields, image)
+                shortened = True
+        n_prompt = enc["input_ids"].shape[1]
+        if n_prompt + len(answer) > self.max_length:
+            raise ValueError(
+                f"max_length={self.max_length} cannot hold the template, title and image tokens "
+                f"({n_prompt} prompt + {len(answer)} answer tokens with empty preference/summary)"
+            )
+        self.shortened += int(shortened)
+        self.encoded += 1
+        answer_t = torch.tensor([answer], dtype=enc["input_ids"].dtype)
+        seq_keys = [
+            k for k, v in enc.items() if torch.is_tensor(v) and v.shape[:2] == (1, n_prompt)
+        ]
+        for key in seq_keys:
+            tail = (
+                answer_t
+                if key == "input_ids"
+                else torch.full_like(answer_t, 1 if key == "attention_mask" else 0)
+            )
+            enc[key] = torch.cat([enc[key], tail.to(enc[key].dtype)], dim=1)
+        labels = torch.full_like(enc["input_ids"], IGNORE_INDEX)
+        labels[0, n_prompt:] = answer_t[0]
+        enc["labels"] = labels
+        enc["_seq_keys"] = [*seq_keys, "labels"]
+        return enc
+
+    # ----------------------------------------------------------------- batch
+    def collate(self, encoded: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Right-pad sequence tensors and concatenate image tensors of encoded samples."""
+        longest = max(e["input_ids"].shape[1] for e in encoded)
+        seq_keys = list(dict.fromkeys(k for e in encoded for k in e["_seq_keys"]))
+        batch: dict[str, torch.Tensor] = {}
+        for key in seq_keys:
+            fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX}.get(key, 0)
+            rows = []
+            for e in encoded:
+                t = e[key]
+                pad = torch.full((1, longest - t.shape[1]), fill, dtype=t.dtype)
+                rows.append(torch.cat([t, pad], dim=1))
+            batch[key] = torch.cat(rows, dim=0)
+        other = {k for e in encoded for k in e if k not in seq_keys and not k.startswith("_")}
+        for key in sorted(other):
+            parts = [e[key] for e in encoded if key in e]
+            batch[key] = torch.cat(parts, dim=0)
+        return batch
+
+    def __call__(self, samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        return self.collate([self.encode(s) for s in samples])

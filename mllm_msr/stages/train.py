@@ -1,0 +1,496 @@
+"""Recommender fine-tuning: Ray Train ``TorchTrainer`` + DeepSpeed ZeRO + peft LoRA.
+
+Driver (:func:`run_train`): builds the SFT samples (:mod:`mllm_msr.stages.sft`) from the run
+directory's tables, hands them to Ray Train as Ray Data datasets (``train`` split across workers,
+``val`` for the evaluation loss), runs the trainer, copies the final adapter to
+``<run_dir>/adapter/`` (a peft folder; merged full weights to ``<run_dir>/merged/`` when
+``train.merge_adapter``) and writes the stage marker.
+
+Workers (:func:`train_loop`): LoRA-wrap the model (vision tower + projector frozen unless
+``lora.train_vision``), ``deepspeed.initialize`` with the ZeRO config, and loop over their data
+shard. Every ``checkpoint_every`` optimizer steps and at the end every rank saves its shard of the
+trainable state (DeepSpeed checkpoint, frozen base weights excluded) into a
+``ray.train.Checkpoint``. Resume is Ray Train's: the run lives in ``<run_dir>/train/`` under a
+fixed name, so re-running (after a crash, or with a larger ``max_steps``) continues from the latest
+checkpoint (``ray.train.get_checkpoint()``), and ``FailureConfig(max_failures)`` restarts a run
+whose worker died from its last checkpoint. A resumed epoch skips the micro-batches it already
+trained on.
+
+Loss history, step count and the number of shortened samples live in the checkpoint, so they
+survive restarts; the stage summary reports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from mllm_msr.config import PipelineConfig, TrainConfig
+from mllm_msr.runtime import RunDir, init_ray
+
+RUN_NAME = "recommender"
+"""Ray Train run name under ``<run_dir>/train/`` (fixed, so re-running resumes)."""
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+STATE_FILE = "mllm_msr_state.json"
+
+
+# =========================================================================== driver
+
+
+def _optional_table(run: RunDir, name: str, columns: list[str] | None = None) -> pa.Table | None:
+    return run.read_table(name, columns=columns) if run.table_files(name) else None
+
+
+def load_samples(cfg: PipelineConfig, run: RunDir) -> tuple[pa.Table, pa.Table, dict]:
+    """SFT samples of the train and val splits from the run directory's tables."""
+    from mllm_msr.stages.sft import build_sft_samples
+
+    return build_sft_samples(
+        candidates=run.read_table("candidates"),
+        sequences=run.read_table("sequences"),
+        items=run.read_table("items", columns=["item_id", "title", "images"]),
+        item_summaries=_optional_table(run, "item_summaries", ["item_id", "summary"]),
+        preferences=_optional_table(run, "preferences"),
+        splits=("train", "val"),
+        missing_preference=cfg.train.missing_preference,
+    )
+
+
+def steps_per_epoch(train: TrainConfig, n_train: int) -> int:
+    """Optimizer steps one pass over ``n_train`` samples gives (every rank the same count)."""
+    per_rank = n_train // train.num_workers
+    return per_rank // train.micro_batch_size // train.grad_accum_steps
+
+
+def total_steps(train: TrainConfig, n_train: int) -> int:
+    if train.max_steps > 0:
+        return train.max_steps
+    return train.epochs * steps_per_epoch(train, n_train)
+
+
+def _shuffled(table: pa.Table, seed: int) -> pa.Table:
+    import numpy as np
+
+    return table.take(np.random.default_rng(seed).permutation(table.num_rows))
+
+
+def run_train(
+    cfg: PipelineConfig,
+    run: RunDir,
+    *,
+    fresh: bool = False,
+    fail_once_at_step: int | None = None,
+    log=print,
+) -> dict:
+    """Fine-tune the recommender; returns the stage summary (also the stage marker).
+
+    ``fresh`` deletes earlier checkpoints of this run first (otherwise training resumes from the
+    latest one). ``fail_once_at_step`` is fault injection for tests: the last rank raises once
+    when it reaches that optimizer step (a flag file in the run directory makes it once).
+    """
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.perf_counter()
+    train = cfg.train
+    cache_dir = str(Path(cfg.cache_dir).absolute())
+    # Driver-side settings measured in DESIGN §3: ray.train.report blocks ~1.8 s without this.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    os.environ.setdefault("MLLM_MSR_CACHE", cache_dir)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(cache_dir) / "torch_extensions"))
+    if fresh:
+        for part in ("train", ADAPTER_DIR, MERGED_DIR):
+            run.remove(part)
+        run.clear_stage("train")
+
+    samples, quarantined, stats = load_samples(cfg, run)
+    if quarantined.num_rows:
+        run.write_table("quarantine", quarantined, name="train")
+    train_rows = samples.filter(pc.equal(samples["split"], "train"))
+    val_rows = samples.filter(pc.equal(samples["split"], "val"))
+    n_steps = total_steps(train, train_rows.num_rows)
+    per_epoch = steps_per_epoch(train, train_rows.num_rows)
+    if per_epoch < 1:
+        raise ValueError(
+            f"{train_rows.num_rows} train samples are too few for {train.num_workers} workers x "
+            f"micro batch {train.micro_batch_size} x {train.grad_accum_steps} accumulation steps"
+        )
+    log(
+        f"[train] {stats['samples']} samples ({stats['per_split']}), {n_steps} steps, "
+        f"{stats['fallback_users']} users without preference -> titles"
+    )
+
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+    datasets = {"train": ray.data.from_arrow(_shuffled(train_rows, train.seed))}
+    eval_rows = min(val_rows.num_rows, train.eval_samples)
+    eval_rows -= eval_rows % train.num_workers
+    if eval_rows >= train.num_workers:
+        datasets["val"] = ray.data.from_arrow(val_rows.slice(0, eval_rows))
+
+    loop_config = {
+        "train": train,
+        "cache_dir": cache_dir,
+        "total_steps": n_steps,
+        "has_val": "val" in datasets,
+        "steps_per_epoch": per_epoch,
+        "fail_once": None
+        if fail_once_at_step is None
+        else {"step": fail_once_at_step, "flag": run.path("train", "_injected_failure")},
+    }
+    resources = {"CPU": train.cpus_per_worker}
+    if train.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME,
+            storage_path=run.uri_of("train"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+        _upload_dir(Path(ckpt_dir) / ADAPTER_DIR, run, ADAPTER_DIR)
+        merged = None
+        if train.merge_adapter:
+            from mllm_msr.engines.peft import merge_adapter
+            from mllm_msr.tiny import resolve_model
+
+            with tempfile.TemporaryDirectory() as tmp:
+                out = merge_adapter(
+                    resolve_model(train.model, cache_dir),
+                    Path(ckpt_dir) / ADAPTER_DIR,
+                    Path(tmp) / "m",
+                )
+                _upload_dir(out, run, MERGED_DIR)
+            merged = run.uri_of(MERGED_DIR)
+
+    losses = state["losses"]
+    summary = {
+        "rows_in": stats["rows_in"],
+        "rows_out": stats["samples"],
+        "quarantined": stats["quarantined"],
+        "samples": stats["per_split"],
+        "fallback_users": stats["fallback_users"],
+        "without_image": stats["without_image"],
+        "steps": state["step"],
+        "epochs_done": state["epoch"],
+        "first_loss": losses[0][1] if losses else None,
+        "final_loss": losses[-1][1] if losses else None,
+        "losses": losses,
+        "val_loss": state.get("val_loss"),
+        "shortened": state["shortened"],
+        "attempts": state["attempts"],
+        "resumed_from_steps": state["resumed_from"],
+        "step_seconds": state.get("step_seconds"),
+        "frozen_unchanged": state.get("frozen_unchanged"),
+        "trainable_params": state.get("trainable_params"),
+        "total_params": state.get("total_params"),
+        "zero_stage": train.zero.stage,
+        "num_workers": train.num_workers,
+        "adapter": run.uri_of(ADAPTER_DIR),
+        "merged": merged,
+        "checkpoint": result.checkpoint.path,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    run.mark_done("train", summary)
+    log(
+        f"[train] {summary['steps']} steps, loss {summary['first_loss']} -> "
+        f"{summary['final_loss']}, {summary['seconds']} s"
+    )
+    return summary
+
+
+def _upload_dir(local: Path, run: RunDir, rel: str) -> None:
+    """Replace ``<run_dir>/<rel>`` with the contents of the local folder ``local``."""
+    run.remove(rel)
+    run.makedirs(rel)
+    pafs.copy_files(
+        str(local),
+        run.path(rel),
+        source_filesystem=pafs.LocalFileSystem(),
+        destination_filesystem=run.fs,
+    )
+
+
+# =========================================================================== workers
+
+
+def _load_model(path: str, bf16: bool):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+def _fingerprint(train: TrainConfig) -> dict:
+    """What a checkpoint must agree on to be resumed."""
+    return {
+        "model": train.model,
+        "lora": dataclasses.asdict(train.lora),
+        "zero_stage": train.zero.stage,
+        "num_workers": train.num_workers,
+    }
+
+
+def _frozen_checksum(model) -> float:
+    """A checksum of this rank's pieces of the frozen (base) weights."""
+    import torch
+
+    from mllm_msr.engines.deepspeed import local_tensor
+
+    total = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if not p.requires_grad:
+            t = local_tensor(p).detach()
+            total += (t.double() * (1.0 + t.double().abs())).sum().cpu()
+    return float(total)
+
+
+class _Shard:
+    """Micro-batches of a Ray Data shard, kept in lock step across ranks.
+
+    Every rank must run the same number of forward passes (ZeRO gathers parameters and reduces
+    gradients collectively), so each micro-step all ranks agree whether all of them still have
+    a batch.
+    """
+
+    def __init__(self, shard, batch_size: int):
+        self.shard = shard
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        import torch
+        import torch.distributed as dist
+
+        it = iter(
+            self.shard.iter_batches(
+                batch_size=self.batch_size, batch_format="pyarrow", drop_last=True
+            )
+        )
+        while True:
+            batch = next(it, None)
+            have = torch.tensor([0 if batch is None else 1])
+            if dist.is_initialized():
+                dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            if not int(have):
+                return
+            yield batch.to_pylist()
+
+
+def _all_mean(values: list[float]) -> tuple[float, int]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([sum(values), float(len(values))], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return (float(t[0] / t[1]) if t[1] else float("nan")), int(t[1])
+
+
+def _all_sum(value: int) -> int:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return int(t[0])
+
+
+def train_loop(config: dict) -> dict | None:
+    """Ray Train worker function (one per rank)."""
+    import torch
+
+    train: TrainConfig = config["train"]
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR", str(Path(config["cache_dir"]) / "torch_extensions")
+    )
+    import ray.train
+    from transformers import AutoProcessor
+
+    from mllm_msr.engines import deepspeed as ds
+    from mllm_msr.engines import peft as lora
+    from mllm_msr.stages.collate import RecommenderCollator
+    from mllm_msr.tiny import resolve_model
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(train.seed)
+    model_path = resolve_model(train.model, config["cache_dir"])
+    processor = AutoProcessor.from_pretrained(model_path)
+    model = lora.apply_lora(_load_model(model_path, ds.use_bf16(train)), train.lora)
+    torch.manual_seed(train.seed + rank)  # dropout differs per rank
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    engine = ds.initialize(model, train, world)
+    frozen_before = _frozen_checksum(engine.module)
+
+    state: dict[str, Any] = {
+        "step": 0,
+        "epoch": 0,
+        "epoch_step": 0,
+        "losses": [],
+        "shortened": 0,
+        "attempts": 0,
+        "resumed_from": [],
+        "fingerprint": _fingerprint(train),
+    }
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            saved = json.loads((Path(d) / STATE_FILE).read_text())
+            if saved["fingerprint"] != state["fingerprint"]:
+                raise ValueError(
+                    f"checkpoint in the run's train/ folder was made with {saved['fingerprint']}, "
+                    f"not {state['fingerprint']}: rerun with fresh=True"
+                )
+            ds.load_checkpoint(engine, d)
+        state.update(saved)
+        state["resumed_from"].append(state["step"])
+    state["attempts"] += 1
+
+    collator = RecommenderCollator(processor, train.max_length, train.image_size, train.multimodal)
+    total_steps, per_epoch = config["total_steps"], config["steps_per_epoch"]
+    fail = config.get("fail_once")
+    device = engine.device
+    window: list[float] = []
+    step_times: list[float] = []
+    t_step = time.perf_counter()
+
+    def save(final: bool) -> None:
+        metrics = {
+            "step": state["step"],
+            "epoch": state["epoch"],
+            "loss": state["losses"][-1][1] if state["losses"] else None,
+        }
+        state["shortened"] += _all_sum(collator.shortened)  # collective: every rank saves
+        collator.shortened = 0
+        with tempfile.TemporaryDirectory() as tmp:
+            ds.save_checkpoint(engine, tmp, client_state={})
+            if final:
+                _export_adapter(engine, train, Path(tmp) / ADAPTER_DIR, rank)
+            if rank == 0:
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    engine.train()
+    cap = per_epoch * train.grad_accum_steps  # micro-batches per rank per epoch
+    while state["step"] < total_steps:
+        skip = state["epoch_step"] * train.grad_accum_steps  # trained before a resume
+        for micro, rows in enumerate(
+            _Shard(ray.train.get_dataset_shard("train"), train.micro_batch_size)
+        ):
+            if micro < skip or micro >= cap or state["step"] >= total_steps:
+                continue  # every rank drains its shard in lock step
+            batch = {k: v.to(device) for k, v in collator(rows).items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            window.append(float(loss.detach()))
+            if not boundary:
+                continue
+            state["step"] += 1
+            state["epoch_step"] += 1
+            mean_loss, _ = _all_mean(window)
+            window.clear()
+            state["losses"].append([state["step"], round(mean_loss, 6)])
+            now = time.perf_counter()
+            step_times.append(now - t_step)
+            t_step = now
+            if fail and rank == world - 1 and state["step"] == fail["step"]:
+                if not os.path.exists(fail["flag"]):
+                    Path(fail["flag"]).parent.mkdir(parents=True, exist_ok=True)
+                    Path(fail["flag"]).touch()
+                    raise RuntimeError(f"injected worker failure at step {state['step']}")
+            last = state["step"] >= total_steps
+            if last or state["step"] % train.checkpoint_every == 0:
+                if last:
+                    _final_stats(engine, state, collator, train, config["has_val"])
+                    state.update(
+                        frozen_unchanged=_all_sum(
+                            int(_frozen_checksum(engine.module) != frozen_before)
+                        )
+                        == 0,
+                        trainable_params=trainable,
+                        total_params=total,
+                        step_seconds=_median(step_times),
+                    )
+                save(final=last)
+                t_step = time.perf_counter()
+            elif state["step"] % train.log_every == 0:
+                ray.train.report({"step": state["step"], "loss": mean_loss})
+        if state["step"] < total_steps or state["epoch_step"] >= per_epoch:
+            state["epoch"] += 1
+            state["epoch_step"] = 0
+    if state["resumed_from"] and state["resumed_from"][-1] >= total_steps and not step_times:
+        # Resumed an already finished run: write the final checkpoint (adapter, state) again.
+        state.update(frozen_unchanged=True, trainable_params=trainable, total_params=total)
+        _final_stats(engine, state, collator, train, config["has_val"])
+        save(final=True)
+    return state if rank == 0 else None
+
+
+def _median(values: list[float]) -> float | None:
+    return round(sorted(values)[len(values) // 2], 4) if values else None
+
+
+def _final_stats(engine, state: dict, collator, train: TrainConfig, has_val: bool) -> None:
+    """Put the validation loss (mean over the ``val`` shards) into ``state`` (collective)."""
+    import ray.train
+    import torch
+
+    state["val_loss"] = None
+    if not has_val:
+        return
+    engine.eval()
+    losses = []
+    with torch.no_grad():
+        for rows in _Shard(ray.train.get_dataset_shard("val"), train.micro_batch_size):
+            batch = {k: v.to(engine.device) for k, v in collator(rows).items()}
+            losses.append(float(engine(**batch).loss))
+    engine.train()
+    val, _ = _all_mean(losses)
+    state["val_loss"] = None if math.isnan(val) else round(val, 6)
+
+
+def _export_adapter(engine, train: TrainConfig, out: Path, rank: int) -> None:
+    """Gather the LoRA weights (collective under ZeRO-3) and save a peft folder on rank 0."""
+    from mllm_msr.engines import deepspeed as ds
+    from mllm_msr.engines import peft as lora
+
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    with ds.gathered([p for _, p in named], train.zero.stage):
+        if rank == 0:
+            state_dict = {n: p.detach().float().cpu().clone() for n, p in named}
+            lora.save_adapter(engine.module, out, state_dict=state_dict)
