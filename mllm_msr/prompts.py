@@ -60,7 +60,7 @@ def prompt_version(name: str) -> str:
 # <start_of_turn>) and Mistral/Llama-2 square-bracket markers ([INST], [/INST], [\INST], [IMG]).
 _PIPE_TOKEN = re.compile(r"<\|([^<>|]{0,64})\|>")
 _TAG_TOKEN = re.compile(r"<(/?[A-Za-z_][A-Za-z0-9_\-:.]{0,40}/?)>")
-_BRACKET_TOKEN = re.compile(r"\[(\\?/?[A-Za-z_][A-Za-z0-9_]{0,31})\]")
+_BRACKET_TOKEN = re.compile(r"\[(\\?/?[A-Z][A-Z0-9_]{1,31})\]")
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 

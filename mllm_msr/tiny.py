@@ -37,7 +37,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-TINY_VERSION = 1
+TINY_VERSION = 2
 """Bump when anything that changes the built files changes (corpus, sizes, template)."""
 
 TINY_PREFIX = "tiny:"
@@ -47,31 +47,29 @@ VOCAB_SIZE = 2048
 
 # --------------------------------------------------------------------------- chat templates
 
-QWEN_CHAT_TEMPLATE = (
-    "{%- set image_count = namespace(value=0) -%}"
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{%- endif -%}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{%- if message['content'] is string -%}"
-    "{{ message['content'] }}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ('image', 'image_url', 'image_pil') or 'image' in part -%}"
-    "{%- set image_count.value = image_count.value + 1 -%}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{%- elif 'text' in part -%}"
-    "{{ part['text'] }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "<|im_end|>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "<|im_start|>assistant\n"
-    "{%- endif -%}"
-)
+QWEN_CHAT_TEMPLATE = r"""
+{%- for message in messages %}
+{%- if loop.first and message['role'] != 'system' %}
+{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}
+{%- endif %}
+{{- '<|im_start|>' + message['role'] + '\n' }}
+{%- if message['content'] is string %}
+{{- message['content'] }}
+{%- else %}
+{%- for part in message['content'] %}
+{%- if part['type'] in ('image', 'image_url', 'image_pil') %}
+{{- '<|vision_start|><|image_pad|><|vision_end|>' }}
+{%- elif part['type'] == 'text' %}
+{{- part['text'] }}
+{%- endif %}
+{%- endfor %}
+{%- endif %}
+{{- '<|im_end|>\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\n' }}
+{%- endif %}
+""".strip()
 """Qwen2(-VL)-style ChatML template. Image parts (``{"type": "image"}``, ``image_url``,
 ``image_pil``) render as ``<|vision_start|><|image_pad|><|vision_end|>``; the text-only Qwen2
 template is the same (it never receives image parts)."""
@@ -364,6 +362,13 @@ def _is_current(path: Path, spec: TinySpec) -> bool:
         return False
 
 
+def _make_readable(folder: Path) -> None:
+    """mkdtemp folders are private (0700); shared caches should be readable like normal files."""
+    folder.chmod(0o755)
+    for path in folder.iterdir():
+        path.chmod(0o644)
+
+
 def build_tiny(name: str, cache_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
     """Build the tiny model ``name`` (a key of :data:`TINY_SPECS`) unless a current copy exists.
 
@@ -382,6 +387,7 @@ def build_tiny(name: str, cache_dir: str | os.PathLike | None = None, force: boo
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         _BUILDERS[spec.family](spec, tmp)
         (tmp / STAMP_FILE).write_text(json.dumps(_stamp(spec), sort_keys=True) + "\n")
+        _make_readable(tmp)
         if final.exists() and (force or not _is_current(final, spec)):
             # Move the stale copy aside first; a concurrent reader keeps its open files.
             stale = final.parent / f".{name}.stale-{uuid.uuid4().hex}"

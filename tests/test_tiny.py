@@ -1,0 +1,123 @@
+"""Tiny offline models: deterministic build, tokenizer invariants, chat template, cache reuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mllm_msr import prompts
+from mllm_msr.tiny import (
+    STAMP_FILE,
+    TINY_SPECS,
+    build_tiny,
+    default_cache_dir,
+    resolve_model,
+    tiny_family,
+)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cache")
+    for name in TINY_SPECS:
+        build_tiny(name, root)
+    return root
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_build_is_deterministic(cache, tmp_path):
+    for name in TINY_SPECS:
+        again = build_tiny(name, tmp_path)
+        first = _files(cache / "tiny" / name)
+        assert _files(again) == first
+        assert "model.safetensors" in first and "tokenizer.json" in first
+
+
+def test_models_are_small(cache):
+    for name in TINY_SPECS:
+        size = sum(len(b) for b in _files(cache / "tiny" / name).values())
+        assert size < 3_000_000, (name, size)
+
+
+def test_reuse_from_cache_and_rebuild_when_stale(cache):
+    path = cache / "tiny" / "qwen2"
+    weights = path / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    assert Path(resolve_model("tiny:qwen2", cache)) == path
+    assert weights.stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+    stamp = json.loads((path / STAMP_FILE).read_text())
+    (path / STAMP_FILE).write_text(json.dumps({**stamp, "version": -1}))
+    rebuilt = build_tiny("qwen2", cache)
+    assert rebuilt == path
+    assert json.loads((path / STAMP_FILE).read_text()) == stamp
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_resolve_model_passes_other_specs_through(tmp_path):
+    assert resolve_model("/models/llava", tmp_path) == "/models/llava"
+    assert resolve_model("Qwen/Qwen2-VL-2B-Instruct", tmp_path) == "Qwen/Qwen2-VL-2B-Instruct"
+    assert not (tmp_path / "tiny").exists()
+    with pytest.raises(ValueError, match="unknown tiny model"):
+        resolve_model("tiny:nope", tmp_path)
+    assert tiny_family("tiny:qwen2-vl") == "qwen2_vl"
+    assert tiny_family("/models/x") is None
+
+
+def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLLM_MSR_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    monkeypatch.delenv("MLLM_MSR_CACHE")
+    assert default_cache_dir().parts[-2:] == (".cache", "mllm_msr")
+
+
+@pytest.mark.parametrize("name", sorted(TINY_SPECS))
+def test_yes_no_are_single_tokens(cache, name):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cache / "tiny" / name)
+    for word in (prompts.YES, prompts.NO, " " + prompts.YES, " " + prompts.NO):
+        assert len(tok.encode(word, add_special_tokens=False)) == 1, word
+    rendered = tok.apply_chat_template(
+        prompts.user_text("Answer."), tokenize=False, add_generation_prompt=True
+    )
+    for word in (prompts.YES, prompts.NO):
+        base = tok.encode(rendered, add_special_tokens=False)
+        assert len(tok.encode(rendered + word, add_special_tokens=False)) == len(base) + 1
+
+
+def test_vl_chat_template_and_processor_place_image_tokens(cache):
+    from transformers import AutoProcessor
+
+    path = cache / "tiny" / "qwen2-vl"
+    processor = AutoProcessor.from_pretrained(path)
+    chat = prompts.item_summary_messages(None, "Red circle")
+    text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text.count(prompts.image_placeholder("qwen2_vl")) == 1
+    assert text.startswith(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>Please describe"
+    )
+    assert text.endswith("present in the image.<|im_end|>\n<|im_start|>assistant\n")
+
+    image = Image.new("RGB", (448, 448), (200, 30, 30))
+    batch = processor(text=[text], images=[image], return_tensors="pt")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    # 448x448 is resized under the tiny max_pixels (224*224): 16x16 patches, merged 2x2 -> 64.
+    assert int((batch["input_ids"] == image_id).sum()) == 64
+    assert "mm_token_type_ids" in batch  # needed by the Qwen2-VL training forward
+
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(path).eval()
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape[:2] == batch["input_ids"].shape
+    assert torch.isfinite(logits).all()

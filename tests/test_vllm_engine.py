@@ -1,0 +1,147 @@
+"""The vLLM adapter on the real engine with the tiny offline models (CPU).
+
+One engine per class (started once, closed at the end of the class): the tiny Qwen2-VL for
+images, the tiny Qwen2 (with LoRA enabled) for text generation and Yes/No scoring, checked
+against a transformers forward pass.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from mllm_msr import prompts
+from mllm_msr.config import EngineConfig, SamplingConfig
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _images() -> list[Image.Image]:
+    red = Image.new("RGB", (448, 448), (220, 20, 20))
+    stripes = Image.new("RGB", (448, 300), (20, 20, 220))
+    for x in range(0, 448, 32):
+        stripes.paste((240, 240, 240), (x, 0, x + 12, 300))
+    return [red, stripes]
+
+
+class TestVisionLanguage:
+    @pytest.fixture(scope="class")
+    def engine(self, cache_dir):
+        from mllm_msr.engines.vllm import VLLMEngine
+
+        cfg = EngineConfig(
+            model="tiny:qwen2-vl", family="qwen2_vl", dtype="float32", max_model_len=1024
+        )
+        engine = VLLMEngine(cfg, cache_dir=cache_dir)
+        yield engine
+        engine.close()
+
+    def test_outputs_differ_per_image_and_count_image_tokens(self, engine):
+        red, stripes = _images()
+        chats = [prompts.item_summary_messages(img, "Demo item") for img in (red, stripes)]
+        text_only = prompts.text_only(chats[0])
+        out = engine.generate([*chats, text_only], GREEDY)
+        assert all(o.output_tokens > 0 and o.text for o in out)
+        assert out[0].text != out[1].text
+        # 448x448 -> 16x16 patches of 14 px (under max_pixels 224*224), merged 2x2: 64 tokens,
+        # plus <|vision_start|> and <|vision_end|>.
+        assert out[0].prompt_tokens == out[2].prompt_tokens + 64 + 2
+        assert out[2].prompt_tokens < out[1].prompt_tokens < out[0].prompt_tokens
+
+    def test_greedy_is_deterministic_and_sampling_is_seeded(self, engine):
+        chat = prompts.item_summary_messages(_images()[0], "Demo item")
+        first = engine.generate([chat, chat], GREEDY)
+        assert first[0].text == first[1].text == engine.generate([chat], GREEDY)[0].text
+        sampled = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3)
+        a = engine.generate([chat], sampled)[0].text
+        assert engine.generate([chat], sampled)[0].text == a
+
+    def test_image_bytes_and_yes_no_scores(self, engine):
+        import io
+
+        buf = io.BytesIO()
+        _images()[1].save(buf, format="PNG")
+        chats = [
+            prompts.recommender_messages("likes red things", "Red ball", image=img)
+            for img in (_images()[0], buf.getvalue())
+        ]
+        scores = engine.score_yes_no(chats)
+        assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)
+        assert scores[0] != scores[1]
+
+
+class TestTextLLM:
+    @pytest.fixture(scope="class")
+    def engine(self, cache_dir):
+        from mllm_msr.engines.vllm import VLLMEngine
+
+        cfg = EngineConfig(
+            model="tiny:qwen2",
+            family="qwen2",
+            dtype="float32",
+            max_model_len=1024,
+            enable_lora=True,
+            max_lora_rank=8,
+        )
+        engine = VLLMEngine(cfg, cache_dir=cache_dir)
+        yield engine
+        engine.close()
+
+    @pytest.fixture(scope="class")
+    def peft_model(self, engine, tmp_path_factory):
+        """A random (non-zero) LoRA adapter on the tiny Qwen2, saved for vLLM."""
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=torch.float32)
+        lora = LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        )
+        model = get_peft_model(base, lora).eval()
+        path = tmp_path_factory.mktemp("adapter")
+        model.save_pretrained(path)
+        return model, path
+
+    def test_text_llm_generates(self, engine):
+        history = [{"title": "Red circle", "summary": "a red circle"}, {"title": "Blue square"}]
+        chats = [
+            prompts.preference_messages(None, history),
+            prompts.preference_messages("likes red", history),
+        ]
+        out = engine.generate(chats, GREEDY)
+        assert all(o.text and o.output_tokens == GREEDY.max_new_tokens for o in out)
+        assert out[1].prompt_tokens > out[0].prompt_tokens
+
+    def test_yes_no_scores_match_transformers(self, engine, peft_model):
+        model, adapter = peft_model
+        tok = engine.tokenizer
+        chats = [
+            prompts.recommender_messages("likes red things", title, with_image=False)
+            for title in ("Red ball", "Blue kite", "Green hat")
+        ]
+        base = engine.score_yes_no(chats)
+        tuned = engine.score_yes_no(chats, lora_path=adapter)
+        assert all(0.0 < s < 1.0 for s in base + tuned)
+        assert base != tuned
+        assert engine.score_yes_no(chats[1:2]) == pytest.approx(base[1:2], abs=1e-6)
+
+        yes, no = engine.answer_token_ids()
+        for i, chat in enumerate(chats):
+            text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
+            with torch.no_grad():
+                logits_tuned = model(input_ids=ids).logits[0, -1]
+                with model.disable_adapter():
+                    logits_base = model(input_ids=ids).logits[0, -1]
+            for logits, got in ((logits_base, base[i]), (logits_tuned, tuned[i])):
+                expected = torch.sigmoid(logits[yes] - logits[no]).item()
+                assert got == pytest.approx(expected, abs=1e-4)
