@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mllm_msr.config import PipelineConfig, load_config  # noqa: E402
 from mllm_msr.pipeline import format_run_summary, run_pipeline  # noqa: E402
-from mllm_msr.runtime import init_ray  # noqa: E402
+from mllm_msr.runtime import init_ray, use_cache_dir  # noqa: E402
 
 
 def main(cfg: PipelineConfig, force: list[str] | None = None) -> dict:
+    use_cache_dir(cfg.cache_dir)
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
     summary = run_pipeline(cfg, force=force)
     print()

@@ -124,6 +124,17 @@ def cpu_env_defaults() -> dict[str, str]:
     }
 
 
+def use_cache_dir(cache_dir: str) -> str:
+    """Export the model cache dir (absolute) so that Ray workers build/find tiny models there.
+
+    ``MLLM_MSR_CACHE`` already set in the environment wins over the config.
+    """
+    path = os.environ.get("MLLM_MSR_CACHE") or str(Path(cache_dir).absolute())
+    os.environ["MLLM_MSR_CACHE"] = path
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(path) / "torch_extensions"))
+    return path
+
+
 def has_gpu() -> bool:
     try:
         import torch
