@@ -83,6 +83,12 @@ PREFERENCES = pa.schema(
     ]
 )
 
+PREFERENCES_WRITTEN = PREFERENCES.append(
+    # sha256 of the model, prompt version, settings and consumed items: the reuse key of the
+    # incremental refresh. Written by the user_preferences stage; readers need only PREFERENCES.
+    pa.field("inputs_hash", pa.string())
+)
+
 # evaluation -----------------------------------------------------------------------------
 SCORES = pa.schema(
     [
