@@ -13,7 +13,6 @@ of Ray Train runs small:
 from __future__ import annotations
 
 import io
-import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -273,3 +272,164 @@ def test_truncation_shortens_preference_keeps_image_and_answer(processor):
 
 
 # --------------------------------------------------------------------------- Ray Train (slow)
+
+
+def test_lora_targets_skip_vision_unless_asked(tiny_vlm):
+    from transformers import AutoModelForImageTextToText
+
+    from mllm_msr.config import LoraConfig
+    from mllm_msr.engines.peft import apply_lora, lora_target_names
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm)
+    names = lora_target_names(model, LoraConfig(target_modules=["q_proj", "v_proj", "qkv"]))
+    assert names and all("language_model" in n and n.endswith(("q_proj", "v_proj")) for n in names)
+    with_vision = lora_target_names(model, LoraConfig(train_vision=True))
+    assert any(".visual.merger." in n for n in with_vision)
+    assert any(".visual.blocks." in n for n in with_vision)
+    peft_model = apply_lora(model, LoraConfig(r=4))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "visual" not in n for n in trainable)
+    assert sorted(peft_model.peft_config["default"].target_modules) == ["q_proj", "v_proj"]
+
+
+# --------------------------------------------------------------------------- Ray Train (slow)
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """An in-process 2-CPU Ray cluster of our own (never `ray stop`: the host is shared)."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=300_000_000,
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
+def _train_cfg(run_dir: Path, *overrides: str) -> PipelineConfig:
+    return load_config(
+        Path(__file__).resolve().parent.parent / "configs" / "demo-cpu.yaml",
+        [
+            f"run_dir={run_dir}",
+            f"cache_dir={_cache_dir()}",
+            "train.num_workers=2",
+            "train.micro_batch_size=2",
+            "train.grad_accum_steps=2",
+            "train.learning_rate=0.01",
+            "train.image_size=112",
+            "train.max_length=256",
+            "train.checkpoint_every=4",
+            "train.log_every=100",
+            "train.eval_samples=8",
+            *overrides,
+        ],
+    )
+
+
+def _toy_run(run_dir: Path) -> RunDir:
+    run = RunDir(str(run_dir))
+    for name, table in toy_tables(n_users=34).items():
+        run.write_table(name, table)
+    return run
+
+
+def _yes_no_margin(model, processor, samples: list[dict]) -> float:
+    """Mean of (logit Yes - logit No) * (+1 for positives, -1 for negatives)."""
+    tok = processor.tokenizer
+    yes, no = tok.convert_tokens_to_ids("Yes"), tok.convert_tokens_to_ids("No")
+    batch = RecommenderCollator(processor, max_length=256, image_size=112)(samples)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    margins = []
+    for row, s in enumerate(samples):
+        pos = (batch["labels"][row] != IGNORE_INDEX).nonzero().item() - 1
+        sign = 1.0 if s["label"] else -1.0
+        margins.append(sign * float(logits[row, pos, yes] - logits[row, pos, no]))
+    return sum(margins) / len(margins)
+
+
+@pytest.mark.slow
+def test_zero2_trains_survives_a_dead_worker_and_exports_adapter(
+    ray_local, tmp_path, tiny_vlm, processor
+):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from mllm_msr.engines.peft import load_adapter
+    from mllm_msr.stages.train import run_train
+
+    run = _toy_run(tmp_path / "run")
+    cfg = _train_cfg(tmp_path / "run", "train.zero.stage=2", "train.max_steps=8")
+    summary = run_train(cfg, run, fail_once_at_step=6)
+
+    # the last rank died once at step 6; the run restarted from the step-4 checkpoint
+    assert summary["steps"] == 8 and summary["attempts"] == 2
+    assert summary["resumed_from_steps"] == [4]
+    assert [s for s, _ in summary["losses"]] == list(range(1, 9))
+    losses = [loss for _, loss in summary["losses"]]
+    assert max(losses[-2:]) < 0.5 * losses[0], losses
+    assert summary["frozen_unchanged"] is True
+    assert summary["rows_out"] == 68 and summary["fallback_users"] == 11
+    assert run.stage_done("train")
+
+    # the adapter moved (lora_B starts at zero) and loads onto the base model for scoring
+    weights = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    lora_b = [w for k, w in weights.items() if "lora_B" in k]
+    assert lora_b and all(w.abs().sum() > 0 for w in lora_b)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_vlm).eval()
+    reference = {k: v.clone() for k, v in base.state_dict().items()}
+    tuned = load_adapter(base, tmp_path / "run" / "adapter").eval()
+    samples = [
+        {
+            "preference": "The user appears to have a preference for red.",
+            "title": f"{c} 9",
+            "summary": f"A {c.lower()} cover.",
+            "image": img,
+            "label": int(c == "Red"),
+        }
+        for c, img in (("Red", RED), ("Blue", BLUE))
+    ]
+    with tuned.disable_adapter():
+        base_margin = _yes_no_margin(tuned, processor, samples)
+    assert _yes_no_margin(tuned, processor, samples) > base_margin
+    merged = tuned.merge_and_unload()
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, reference[k])]
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+
+
+@pytest.mark.slow
+def test_zero3_resumes_and_continues_the_step_count(ray_local, tmp_path):
+    from mllm_msr.stages.train import run_train
+
+    run = _toy_run(tmp_path / "run")
+    first = run_train(_train_cfg(tmp_path / "run", "train.zero.stage=3", "train.max_steps=4"), run)
+    assert first["steps"] == 4 and first["resumed_from_steps"] == []
+    run.clear_stage("train")
+    second = run_train(_train_cfg(tmp_path / "run", "train.zero.stage=3", "train.max_steps=8"), run)
+    assert second["steps"] == 8 and second["resumed_from_steps"] == [4]
+    assert [s for s, _ in second["losses"]] == list(range(1, 9))
+    assert second["losses"][:4] == first["losses"]
+    assert second["losses"][-1][1] < first["losses"][0][1]
+    assert second["frozen_unchanged"] is True
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+    # a checkpoint of another LoRA shape is refused instead of half-loaded
+    run.clear_stage("train")
+    with pytest.raises(Exception, match="fresh=True"):
+        run_train(
+            _train_cfg(
+                tmp_path / "run",
+                "train.zero.stage=3",
+                "train.max_steps=9",
+                "train.lora.r=4",
+                "train.max_failures=0",
+            ),
+            run,
+        )
