@@ -143,21 +143,22 @@ def local_tensor(param: torch.nn.Parameter) -> torch.Tensor:
 
 
 def rank_state_bytes(engine: Any) -> dict[str, int]:
-    """Bytes this rank holds for parameters, gradients and optimizer state."""
+    """Bytes this rank holds: model parameters (its ZeRO-3 partition, or all of them), the fp32
+    partition of the trainable parameters that ZeRO reduces gradients into, and optimizer state.
+    """
     params = sum(
         local_tensor(p).numel() * local_tensor(p).element_size() for p in engine.module.parameters()
     )
     optimizer = engine.optimizer
+    flat = getattr(optimizer, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+    if flat is None:
+        flat = getattr(optimizer, "fp32_partitioned_groups_flat", [])  # ZeRO-3
+    grads = sum(t.numel() * t.element_size() for t in flat)
     inner = getattr(optimizer, "optimizer", optimizer)
-    opt_state = 0
-    for state in getattr(inner, "state", {}).values():
-        for value in state.values():
-            if torch.is_tensor(value):
-                opt_state += value.numel() * value.element_size()
-    grads = 0
-    # ZeRO keeps the reduced gradient partition in fp32 flat groups (sizes = trainable partition).
-    for group in getattr(optimizer, "single_partition_of_fp32_groups", None) or getattr(
-        optimizer, "fp32_partitioned_groups_flat", []
-    ):
-        grads += group.numel() * group.element_size()
-    return {"params": params, "grads": grads, "optimizer": opt_state}
+    opt_state = sum(
+        v.numel() * v.element_size()
+        for state in getattr(inner, "state", {}).values()
+        for v in state.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )
+    return {"params": int(params), "grads": int(grads), "optimizer": int(opt_state)}

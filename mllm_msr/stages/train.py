@@ -209,6 +209,7 @@ def run_train(
         "resumed_from_steps": state["resumed_from"],
         "step_seconds": state.get("step_seconds"),
         "frozen_unchanged": state.get("frozen_unchanged"),
+        "rank_state_bytes": state.get("rank_state_bytes"),
         "trainable_params": state.get("trainable_params"),
         "total_params": state.get("total_params"),
         "zero_stage": train.zero.stage,
@@ -315,6 +316,16 @@ def _all_mean(values: list[float]) -> tuple[float, int]:
     if dist.is_initialized():
         dist.all_reduce(t)
     return (float(t[0] / t[1]) if t[1] else float("nan")), int(t[1])
+
+
+def _all_gather(obj: Any) -> list:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _all_sum(value: int) -> int:
@@ -466,10 +477,14 @@ def _median(values: list[float]) -> float | None:
 
 
 def _final_stats(engine, state: dict, collator, train: TrainConfig, has_val: bool) -> None:
-    """Put the validation loss (mean over the ``val`` shards) into ``state`` (collective)."""
+    """Put the validation loss (mean over the ``val`` shards) and every rank's bytes of
+    parameters / gradient partition / optimizer state into ``state`` (collective)."""
     import ray.train
     import torch
 
+    from mllm_msr.engines import deepspeed as ds
+
+    state["rank_state_bytes"] = _all_gather(ds.rank_state_bytes(engine))
     state["val_loss"] = None
     if not has_val:
         return
