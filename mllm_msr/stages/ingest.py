@@ -7,6 +7,8 @@ rerun after a crash never duplicates rows.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 
 from mllm_msr.config import PipelineConfig
@@ -58,6 +60,8 @@ def run_ingest(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
         run.remove(table)
     t0 = time.perf_counter()
     icfg = cfg.ingest
+    if icfg.root and "://" not in icfg.root:  # workers may not share the driver's cwd
+        icfg = dataclasses.replace(icfg, root=os.path.abspath(icfg.root))
     src = adapter(icfg.format)(icfg)
     items, interactions = src.items, src.interactions
     if not src.final:

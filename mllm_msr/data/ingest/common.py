@@ -107,6 +107,7 @@ def item_row(
         "image_refs": refs[: cfg.max_images_per_item],
         "q_source": source,
         "q_key": iid,
+        "q_reason": None,
     }
     if not iid:
         return reject(row, "missing_id", "empty item id")
@@ -124,6 +125,7 @@ def interaction_row(user: Any, item: Any, timestamp: Any, source: str, key: str)
         "timestamp": None,
         "q_source": source,
         "q_key": f"{uid}|{iid}" if uid or iid else key,
+        "q_reason": None,
     }
     if not uid or not iid:
         return reject(row, "missing_id", f"user={uid!r} item={iid!r} ({key})")

@@ -1,0 +1,402 @@
+"""Ingest adapters on small fixture files with every kind of bad row.
+
+Fast tests call the adapters' pure functions (parsing, dedupe, image loading) on pyarrow tables;
+the ``slow`` tests run the whole Ray Data stage and check that every bad row lands in quarantine
+with its reason and that read = written + quarantined.
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from mllm_msr.config import IngestConfig, config_from_dict
+from mllm_msr.data.ingest.amazon import parse_meta, parse_reviews
+from mllm_msr.data.ingest.common import (
+    RAW_ITEM_ROWS,
+    ImageLoader,
+    dedupe_interactions,
+    dedupe_items,
+    item_row,
+    rows_table,
+)
+from mllm_msr.data.ingest.microlens import parse_pairs_lines
+from mllm_msr.runtime import RunDir
+from mllm_msr.stages.ingest import run_ingest
+
+
+def png(size=(32, 32), mode="RGB", colour=(10, 120, 200)) -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size, colour if mode == "RGB" else 0).save(out, format="PNG")
+    return out.getvalue()
+
+
+def noisy_png(side: int) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+BOMB = png((4000, 4000), mode="L")  # ~16 KB on disk, 16 Mpx decoded
+IMAGES = {"max_side": 64, "max_pixels": 1_000_000, "max_bytes": 100_000}
+
+
+def reasons(table: pa.Table) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in table["reason"].to_pylist():
+        out[r] = out.get(r, 0) + 1
+    return out
+
+
+def check_counts(summary: dict) -> None:
+    for kind in ("items", "images", "interactions"):
+        c = summary[kind]
+        assert c["read"] == c["written"] + c["quarantined"], (kind, c)
+        assert c["quarantined"] == sum(c["quarantined_by_reason"].values())
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def microlens_root(tmp_path):
+    root = tmp_path / "ml"
+    covers = root / "covers"
+    covers.mkdir(parents=True)
+    (root / "pairs.tsv").write_text(
+        "u1\ti1 i2 i3 i2\n"  # i2 twice -> duplicate_interaction
+        "u2\ti1 i4\n"
+        "u3\n"  # no items -> malformed_line
+        "u4\ti1 ghost\n"  # ghost is not an item (the prepare stage quarantines it)
+    )
+    (root / "titles.csv").write_text(
+        "item,title\n"
+        "i1,Red circle\n"
+        'i2,"Blue square, large"\n'
+        "i3,Green star\n"
+        "i4,\n"  # empty_text
+        "i1,Red circle with a longer title\n"  # duplicate_item (the longer one is kept)
+        "../outside,Escape attempt\n"  # cover path escapes covers/ -> path_escape
+        "i5,Bomb\n"
+        "i6,Corrupt\n"
+        "i7,Too big\n"
+    )
+    (covers / "i1.png").write_bytes(png())
+    (covers / "i2.jpg").write_bytes(png(colour=(200, 0, 0)))
+    (covers / "i5.png").write_bytes(BOMB)
+    (covers / "i6.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (covers / "i7.png").write_bytes(noisy_png(300))
+    (root / "outside.png").write_bytes(png())
+    return root
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        if self.path == "/slow.png":
+            time.sleep(2.0)
+        body = {"/ok.png": png(), "/slow.png": png(), "/corrupt.jpg": b"GIF89a garbage"}.get(
+            self.path
+        )
+        try:
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def image_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def amazon_root(tmp_path, image_server):
+    root = tmp_path / "amazon"
+    root.mkdir()
+    url = image_server
+    reviews = [
+        {"user_id": "A", "parent_asin": "P1", "timestamp": 1_600_000_000_000, "rating": 5.0},
+        {"user_id": "A", "parent_asin": "P2", "timestamp": 1_600_000_100_000},
+        {"user_id": "A", "parent_asin": "P2", "timestamp": 1_600_000_200_000},  # duplicate
+        {"user_id": "B", "parent_asin": "P1", "timestamp": "soon"},  # bad_timestamp
+        {"user_id": "", "parent_asin": "P3", "timestamp": 1},  # missing_id
+        {"user_id": "B", "asin": "P3", "timestamp": 1_600_000_300_000},  # asin fallback
+    ]
+    lines = [json.dumps(r) for r in reviews] + ["{not json"]
+    (root / "Toys.jsonl").write_text("\n".join(lines) + "\n")
+    meta = [
+        {
+            "parent_asin": "P1",
+            "title": "Robot",
+            "features": ["metal", "loud"],
+            "images": [{"large": f"{url}/ok.png"}, {"large": f"{url}/missing.png"}],
+        },
+        {
+            "parent_asin": "P2",
+            "title": "Kite",
+            "description": ["flies"],
+            "images": [{"hi_res": f"{url}/slow.png"}],
+        },
+        {"parent_asin": "P3", "title": "Ball", "images": [{"thumb": f"{url}/corrupt.jpg"}]},
+        {"parent_asin": "P4", "title": "", "features": []},  # empty_text
+    ]
+    lines = [json.dumps(m) for m in meta] + ["[1, 2, 3]"]  # valid JSON, not an object
+    (root / "meta_Toys.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+# --------------------------------------------------------------------------- fast: pure parts
+
+
+def test_pairs_lines_parse_positions_and_malformed_lines():
+    t = parse_pairs_lines(pa.table({"text": ["u1\ti1 i2", "u3", "\ti9"]}), "interactions:p")
+    rows = t.to_pylist()
+    assert [(r["user_id"], r["item_id"], r["timestamp"]) for r in rows[:2]] == [
+        ("u1", "i1", 0),
+        ("u1", "i2", 1),
+    ]
+    assert [r["q_reason"] for r in rows] == [None, None, "malformed_line", "malformed_line"]
+
+
+def test_dedupe_interactions_keeps_earliest_and_is_order_independent():
+    rows = parse_pairs_lines(pa.table({"text": ["u1\ti1 i2 i1 i3 i2"]}), "x")
+    a = dedupe_interactions(rows)
+    b = dedupe_interactions(rows.take(pa.array([4, 3, 2, 1, 0])))
+    assert a.sort_by("timestamp").equals(b.sort_by("timestamp"))
+    good = a.filter(pa.compute.is_null(a["q_reason"]))
+    assert good["item_id"].to_pylist() == ["i1", "i2", "i3"]
+    assert good["timestamp"].to_pylist() == [0, 1, 3]
+    assert a["q_reason"].to_pylist().count("duplicate_interaction") == 2
+
+
+def test_dedupe_items_keeps_the_most_complete_row():
+    cfg = IngestConfig()
+    rows = [
+        item_row("i1", "short", "", [], "items:t", cfg),
+        item_row("i1", "a longer title", "", [], "items:t", cfg),
+        item_row("i1", "x", "", ["i1.png"], "items:t", cfg),
+        item_row("i2", "", "", [], "items:t", cfg),
+    ]
+    out = dedupe_items(rows_table(rows, RAW_ITEM_ROWS)).to_pylist()
+    kept = [r for r in out if r["q_reason"] is None]
+    assert [(r["item_id"], r["title"]) for r in kept] == [("i1", "x")]
+    assert sorted(r["q_reason"] for r in out if r["q_reason"]) == [
+        "duplicate_item",
+        "duplicate_item",
+        "empty_text",
+    ]
+
+
+def test_image_loader_urls_timeouts_404_and_corrupt(image_server, tmp_path):
+    cfg = config_from_dict(
+        {
+            "ingest": {
+                "http_timeout_s": 0.5,
+                "http_retries": 1,
+                "max_images_per_item": 8,
+                "images": IMAGES,
+            }
+        }
+    ).ingest
+    url = image_server
+    refs = [
+        f"{url}/ok.png",
+        f"{url}/missing.png",
+        f"{url}/slow.png",
+        f"{url}/corrupt.jpg",
+        "file:///etc/passwd",
+    ]
+    raw = rows_table([item_row("p", "t", "", refs, "items:m", cfg)], RAW_ITEM_ROWS)
+    t0 = time.perf_counter()
+    out = ImageLoader(cfg, None, "urls")(raw).to_pylist()
+    assert time.perf_counter() - t0 < 2.0  # the slow image timed out (0.5 s, twice)
+    item = [r for r in out if r["q_reason"] is None]
+    assert len(item) == 1 and len(item[0]["images"]) == 1 and item[0]["image_hash"]
+    assert sorted(r["q_reason"] for r in out if r["q_reason"]) == [
+        "bad_url",
+        "corrupt_image",
+        "fetch_failed",
+        "http_error",
+    ]
+
+
+def test_amazon_parsers(amazon_root):
+    text = pa.table({"text": (amazon_root / "Toys.jsonl").read_text().splitlines()})
+    rows = parse_reviews(text, "interactions:Toys.jsonl").to_pylist()
+    assert rows[0]["timestamp"] == 1_600_000_000  # ms -> s
+    assert [r["q_reason"] for r in rows][3:] == ["bad_timestamp", "missing_id", None, "bad_json"]
+    meta = pa.table({"text": (amazon_root / "meta_Toys.jsonl").read_text().splitlines()})
+    items = parse_meta(meta, "items:meta", IngestConfig()).to_pylist()
+    assert items[0]["text"] == "metal loud" and len(items[0]["image_refs"]) == 2
+    assert [r["q_reason"] for r in items] == [None, None, None, "empty_text", "bad_json"]
+
+
+# --------------------------------------------------------------------------- slow: Ray stage
+
+
+def _run(tmp_path, name, ingest: dict):
+    cfg = config_from_dict({"run_dir": str(tmp_path / name), "ingest": ingest})
+    run = RunDir(cfg.run_dir)
+    return cfg, run, run_ingest(cfg, run)
+
+
+@pytest.mark.slow
+def test_microlens_stage_quarantines_every_bad_row_and_is_idempotent(
+    ray_local, tmp_path, microlens_root
+):
+    ingest = {
+        "format": "microlens",
+        "root": str(microlens_root),
+        "interactions": "pairs.tsv",
+        "items": "titles.csv",
+        "image_dir": "covers",
+        "images": IMAGES,
+        "num_shards": 2,
+    }
+    cfg, run, s = _run(tmp_path, "run", ingest)
+    check_counts(s)
+    assert (s["items"]["read"], s["items"]["written"]) == (9, 7)
+    assert s["items"]["quarantined_by_reason"] == {"duplicate_item": 1, "empty_text": 1}
+    assert (s["images"]["read"], s["images"]["written"]) == (6, 2)
+    assert s["images"]["quarantined_by_reason"] == {
+        "corrupt_image": 1,
+        "decompression_bomb": 1,
+        "oversized_image": 1,
+        "path_escape": 1,
+    }
+    assert (s["interactions"]["read"], s["interactions"]["written"]) == (9, 7)
+    assert s["interactions"]["quarantined_by_reason"] == {
+        "duplicate_interaction": 1,
+        "malformed_line": 1,
+    }
+
+    items = {r["item_id"]: r for r in run.read_table("items").to_pylist()}
+    assert items["i1"]["title"] == "Red circle with a longer title"
+    assert len(items["i1"]["images"]) == 1 and items["i5"]["images"] == []
+    assert items["../outside"]["images"] == []
+    q = run.read_table("quarantine")
+    assert set(q["stage"].to_pylist()) == {"ingest"}
+    assert {"../outside#0", "i5#0", "i6#0", "i7#0", "i4", "i1", "u1|i2"} <= set(
+        q["key"].to_pylist()
+    )
+    assert all(q["detail"].to_pylist())
+
+    # a completed stage is not rerun; an interrupted one is cleared and rewritten (no duplicates)
+    files = run.table_files("items")
+    assert run_ingest(cfg, run) == run.stage_summary("ingest")
+    assert run.table_files("items") == files
+    run.clear_stage("ingest")
+    run.write_table("items", run.read_table("items"), "left-over-from-a-crash")
+    s2 = run_ingest(cfg, run)
+    assert s2["items"] == s["items"] and s2["interactions"] == s["interactions"]
+    assert run.read_table("items").num_rows == 7
+    assert run.read_table("interactions").num_rows == 7
+    assert run.read_table("quarantine").num_rows == q.num_rows
+
+
+@pytest.mark.slow
+def test_amazon_stage_fetches_urls_with_failures(ray_local, tmp_path, amazon_root):
+    ingest = {
+        "format": "amazon",
+        "root": str(amazon_root),
+        "http_timeout_s": 0.5,
+        "http_retries": 1,
+        "http_concurrency": 4,
+        "images": IMAGES,
+    }
+    _, run, s = _run(tmp_path, "run", ingest)
+    check_counts(s)
+    assert s["items"]["quarantined_by_reason"] == {"bad_json": 1, "empty_text": 1}
+    assert (s["images"]["read"], s["images"]["written"]) == (4, 1)
+    assert s["images"]["quarantined_by_reason"] == {
+        "corrupt_image": 1,
+        "fetch_failed": 1,
+        "http_error": 1,
+    }
+    assert s["interactions"]["quarantined_by_reason"] == {
+        "bad_json": 1,
+        "bad_timestamp": 1,
+        "duplicate_interaction": 1,
+        "missing_id": 1,
+    }
+    inter = run.read_table("interactions").sort_by("timestamp").to_pylist()
+    assert [(r["user_id"], r["item_id"], r["timestamp"]) for r in inter] == [
+        ("A", "P1", 1_600_000_000),
+        ("A", "P2", 1_600_000_100),
+        ("B", "P3", 1_600_000_300),
+    ]
+
+
+@pytest.mark.slow
+def test_generic_stage_with_required_images_then_prepare(ray_local, tmp_path):
+    from mllm_msr.stages.prepare import run_prepare
+
+    root = tmp_path / "shop"
+    (root / "imgs").mkdir(parents=True)
+    (root / "imgs" / "a.png").write_bytes(png())
+    (root / "imgs" / "b.png").write_bytes(png(colour=(0, 200, 0)))
+    (root / "items.csv").write_text(
+        "item_id,title,description,image\n"
+        "g1,Lamp,bright,imgs/a.png\n"
+        "g2,Chair,,imgs/b.png|imgs/missing.png\n"
+        "g3,Hack,,../../etc/passwd\n"  # path_escape -> no usable image -> item quarantined
+        "g4,Bare,,\n"  # no image while images are required
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": ["u1", "u1", "u2", "u2", "u2", "u1"],
+                "item_id": ["g1", "g2", "g1", "g1", "zz", "g3"],
+                "timestamp": [1000, 2000, 3000, 3000, 4000, 5000],
+            }
+        ),
+        root / "inter.parquet",
+    )
+    ingest = {
+        "format": "generic",
+        "root": str(root),
+        "interactions": "inter.parquet",
+        "items": "items.csv",
+        "image_column": "image",
+        "require_images": True,
+        "timestamp_unit": "ms",
+        "images": IMAGES,
+    }
+    cfg, run, s = _run(tmp_path, "run", ingest)
+    check_counts(s)
+    assert s["items"]["quarantined_by_reason"] == {"no_image": 2}
+    assert s["images"]["quarantined_by_reason"] == {"missing_image": 1, "path_escape": 1}
+    assert s["interactions"]["quarantined_by_reason"] == {"duplicate_interaction": 1}
+    assert max(run.read_table("interactions")["timestamp"].to_pylist()) == 5
+
+    cfg = config_from_dict({"run_dir": cfg.run_dir, "prepare": {"user_core": 2, "item_core": 1}})
+    p = run_prepare(cfg, run)
+    assert p["quarantined_by_reason"] == {"unknown_item": 2}  # zz, and g3 (quarantined item)
+    assert p["rows_in"] == p["rows_out"] + p["quarantined"] + p["kcore"]["interactions_filtered"]
+    assert (p["users"], p["items"], p["interactions"]) == (1, 2, 2)
+    q = run.read_table("quarantine/prepare")
+    assert sorted(q["key"].to_pylist()) == ["u1|g3", "u2|zz"]
