@@ -208,7 +208,12 @@ class LoraConfig:
 class ZeroConfig:
     stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
+    """Keep optimizer state on CPU and step there (DeepSpeed's compiled CPU Adam)."""
     offload_params: bool = False
+    """ZeRO-3 only: keep partitioned parameters on CPU."""
+    persistence_threshold: Optional[int] = None
+    """ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's
+    ``stage3_param_persistence_threshold``; None keeps its default, 1e5). 0 partitions all."""
 
 
 @dataclass

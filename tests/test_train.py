@@ -407,29 +407,26 @@ def test_zero2_trains_survives_a_dead_worker_and_exports_adapter(
 
 @pytest.mark.slow
 def test_zero3_resumes_and_continues_the_step_count(ray_local, tmp_path):
+    from safetensors.torch import load_file
+
     from mllm_msr.stages.train import run_train
 
     run = _toy_run(tmp_path / "run")
-    first = run_train(_train_cfg(tmp_path / "run", "train.zero.stage=3", "train.max_steps=4"), run)
-    assert first["steps"] == 4 and first["resumed_from_steps"] == []
-    run.clear_stage("train")
-    second = run_train(_train_cfg(tmp_path / "run", "train.zero.stage=3", "train.max_steps=8"), run)
-    assert second["steps"] == 8 and second["resumed_from_steps"] == [4]
-    assert [s for s, _ in second["losses"]] == list(range(1, 9))
-    assert second["losses"][:4] == first["losses"]
+    zero3 = ("train.zero.stage=3", "train.zero.persistence_threshold=0")
+    first = run_train(_train_cfg(tmp_path / "run", *zero3, "train.max_steps=3"), run)
+    assert first["steps"] == 3 and first["resumed_from_steps"] == []
+    # ZeRO-3 partitions the (frozen) base weights: each of 2 ranks holds about half of them
+    held = [r["params"] for r in first["rank_state_bytes"]]
+    assert len(held) == 2 and max(held) < 0.6 * first["total_params"] * 4
+    run.clear_stage("train")  # as after a crash: the stage is not complete, checkpoints remain
+    second = run_train(_train_cfg(tmp_path / "run", *zero3, "train.max_steps=6"), run)
+    assert second["steps"] == 6 and second["resumed_from_steps"] == [3]
+    assert [s for s, _ in second["losses"]] == list(range(1, 7))
+    assert second["losses"][:3] == first["losses"]
     assert second["losses"][-1][1] < first["losses"][0][1]
     assert second["frozen_unchanged"] is True
-    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
-    # a checkpoint of another LoRA shape is refused instead of half-loaded
-    run.clear_stage("train")
-    with pytest.raises(Exception, match="fresh=True"):
-        run_train(
-            _train_cfg(
-                tmp_path / "run",
-                "train.zero.stage=3",
-                "train.max_steps=9",
-                "train.lora.r=4",
-                "train.max_failures=0",
-            ),
-            run,
-        )
+    # the adapter gathered from the ZeRO-3 partitions is complete and trained
+    weights = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    shapes = {tuple(w.shape) for k, w in weights.items() if "lora_A" in k}
+    assert len(weights) == 8 and all(0 not in s for s in shapes)
+    assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)

@@ -58,6 +58,8 @@ def build_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     if train.zero.stage == 3:
         # Export gathers adapter weights explicitly; never gather a 16-bit copy of the base.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+        if train.zero.persistence_threshold is not None:
+            zero["stage3_param_persistence_threshold"] = train.zero.persistence_threshold
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,

@@ -285,37 +285,48 @@ class _Shard:
     a batch.
     """
 
-    def __init__(self, shard, batch_size: int):
+    def __init__(self, shard, batch_size: int, drop_last: bool = True):
         self.shard = shard
         self.batch_size = batch_size
+        self.drop_last = drop_last
 
     def __iter__(self):
-        import torch
         import torch.distributed as dist
 
-        it = iter(
-            self.shard.iter_batches(
-                batch_size=self.batch_size, batch_format="pyarrow", drop_last=True
-            )
+        batches = self.shard.iter_batches(
+            batch_size=self.batch_size, batch_format="pyarrow", drop_last=self.drop_last
         )
+        it = iter(batches)
         while True:
             batch = next(it, None)
-            have = torch.tensor([0 if batch is None else 1])
-            if dist.is_initialized():
-                dist.all_reduce(have, op=dist.ReduceOp.MIN)
-            if not int(have):
+            if not _all_reduce([0.0 if batch is None else 1.0], dist.ReduceOp.MIN)[0]:
                 return
             yield batch.to_pylist()
 
 
-def _all_mean(values: list[float]) -> tuple[float, int]:
+def _collective_device():
+    """Where small collective tensors live: the GPU under NCCL, else the CPU (gloo)."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([sum(values), float(len(values))], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(values: list[float], op=None) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     if dist.is_initialized():
-        dist.all_reduce(t)
-    return (float(t[0] / t[1]) if t[1] else float("nan")), int(t[1])
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def _all_mean(values: list[float]) -> tuple[float, int]:
+    total, count = _all_reduce([sum(values), float(len(values))])
+    return (total / count if count else float("nan")), int(count)
 
 
 def _all_gather(obj: Any) -> list:
@@ -329,13 +340,7 @@ def _all_gather(obj: Any) -> list:
 
 
 def _all_sum(value: int) -> int:
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.int64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return int(t[0])
+    return int(_all_reduce([float(value)])[0])
 
 
 def train_loop(config: dict) -> dict | None:
@@ -491,7 +496,7 @@ def _final_stats(engine, state: dict, collator, train: TrainConfig, has_val: boo
     engine.eval()
     losses = []
     with torch.no_grad():
-        for rows in _Shard(ray.train.get_dataset_shard("val"), train.micro_batch_size):
+        for rows in _Shard(ray.train.get_dataset_shard("val"), train.micro_batch_size, drop_last=False):
             batch = {k: v.to(engine.device) for k, v in collator(rows).items()}
             losses.append(float(engine(**batch).loss))
     engine.train()
