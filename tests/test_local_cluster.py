@@ -1,0 +1,152 @@
+"""The local cluster flow end to end: ``scripts/local_cluster.sh`` start -> submit -> stop.
+
+A head node with token authentication starts in a temp dir on free ports; the job API refuses
+requests without the token; ``ray job submit --working-dir`` runs the pipeline job (ingest and
+prepare of the CPU demo: the stages that need no engine) to SUCCEEDED; its logs and outputs are
+checked; ``stop`` leaves no process of this cluster behind (and never runs ``ray stop``).
+
+To submit the whole demo pipeline instead (minutes), set ``STAGES`` to ``None``; the test then
+also checks ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "local_cluster.sh"
+STAGES: list[str] | None = ["ingest", "prepare"]
+"""Pipeline stages the test job runs (``None``: all of them)."""
+
+
+def _helper():
+    spec = importlib.util.spec_from_file_location(
+        "_local_cluster", SCRIPT.with_name("_local_cluster.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(SCRIPT), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _http_status(url: str, token: str | None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _state(state_dir: Path) -> dict[str, str]:
+    lines = (state_dir / "cluster.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_local_cluster_token_auth_submit_and_stop() -> None:
+    work = Path(tempfile.mkdtemp(prefix="mmc-"))  # short: Ray's socket paths have a length cap
+    state_dir, run_dir = work / "c", work / "run"
+    home_token = Path.home() / ".ray" / "auth_token"  # what a bare `ray.init()` writes
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        MLLM_MSR_RAY_DIR=str(state_dir),
+        MLLM_MSR_RAY_FREE_PORTS="1",
+        MLLM_MSR_RAY_NUM_CPUS="2",
+        MLLM_MSR_RAY_OBJECT_STORE_BYTES="500000000",
+    )
+    helper, state = _helper(), {}
+    try:
+        t0 = time.monotonic()
+        started = _run(["start"], env, timeout=150)
+        start_s = time.monotonic() - t0
+        assert started.returncode == 0, started.stdout + started.stderr
+        state = _state(state_dir)
+
+        # Token auth: a file only we can read, outside the repository; ~/.ray is left alone.
+        token_file = Path(state["TOKEN_FILE"])
+        assert REPO not in token_file.parents
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        assert not home_token.exists() or home_token.read_text().strip() != token
+        jobs_url = state["DASHBOARD_URL"] + "/api/jobs/"
+        assert state["DASHBOARD_URL"].startswith("http://127.0.0.1:")
+        assert _http_status(jobs_url, None) == 401
+        assert _http_status(jobs_url, "0" * 64) == 403  # a wrong token is refused too
+        assert _http_status(jobs_url, token) == 200
+
+        job_id = f"mllm-msr-test-{uuid.uuid4().hex[:8]}"
+        command = ["python", "jobs/pipeline.py", "--config", "configs/demo-cpu.yaml"]
+        command += [f"run_dir={run_dir}", f"cache_dir={work / 'cache'}"]
+        if STAGES is not None:
+            command.append(f"stages=[{','.join(STAGES)}]")
+        t0 = time.monotonic()
+        submitted = _run(["submit", "--submission-id", job_id, "--", *command], env, timeout=600)
+        submit_s = time.monotonic() - t0
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        assert f"Job '{job_id}' succeeded" in submitted.stdout + submitted.stderr
+
+        # `status` and `logs` through the script, side by side (each is a CLI start-up).
+        with ThreadPoolExecutor(2) as pool:
+            status, logs = pool.map(
+                lambda cmd: _run([cmd, job_id], env, timeout=60), ["status", "logs"]
+            )
+        assert f"Job '{job_id}' succeeded" in status.stdout + status.stderr, status.stdout
+        assert logs.returncode == 0, logs.stderr
+        request = urllib.request.Request(
+            jobs_url + job_id, headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert json.load(resp)["status"] == "SUCCEEDED"
+        for stage in STAGES or ["ingest", "prepare", "evaluate"]:
+            assert f"[pipeline] {stage}: done" in logs.stdout, logs.stdout[-3000:]
+        # --working-dir shipped the repository without the excluded folders.
+        pkgs = state_dir.glob("ray/session_latest/runtime_resources/working_dir_files/_ray_pkg_*")
+        (shipped,) = [p for p in pkgs if p.is_dir()]
+        assert (shipped / "jobs" / "pipeline.py").is_file()
+        assert (shipped / "mllm_msr" / "runtime.py").is_file()
+        for excluded in (".git", ".venv", ".cache", "runs"):
+            assert not (shipped / excluded).exists(), excluded
+        summary = json.loads((run_dir / "run_summary.json").read_text())
+        assert set(summary["stages"]) == set(STAGES or summary["stages"])
+        for stage, info in summary["stages"].items():
+            assert (run_dir / "_stages" / f"{stage}.json").is_file()
+            assert info["rows_in"] == info["rows_out"] + info["quarantined"]
+        if STAGES is None:
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            assert metrics["methods"], metrics
+
+        t0 = time.monotonic()
+        stopped = _run(["stop"], env, timeout=120)
+        stop_s = time.monotonic() - t0
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert helper.cluster_processes(int(state["RAY_PID"]), state["CLUSTER_ID"]) == []
+        assert not (state_dir / "cluster.env").exists()
+        print(
+            f"\ncluster start {start_s:.1f} s, submit -> SUCCEEDED {submit_s:.1f} s, "
+            f"stop {stop_s:.1f} s"
+        )
+    finally:
+        if state and helper.cluster_processes(int(state["RAY_PID"]), state["CLUSTER_ID"]):
+            helper.stop(int(state["RAY_PID"]), state["CLUSTER_ID"], grace_s=10)
+        shutil.rmtree(work, ignore_errors=True)
