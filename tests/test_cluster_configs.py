@@ -270,9 +270,16 @@ def test_rayjob_runs_the_pipeline_and_shuts_down() -> None:
     overrides = [w for w in words if w.startswith("run_dir=")]
     assert overrides and overrides[0].startswith("run_dir=s3://")
     script = next(w for w in words if w.endswith(".py"))
-    assert script == "jobs/pipeline.py"
-    if not (REPO / script).is_file():
-        pytest.skip("jobs/pipeline.py is not in the repository yet (pipeline issue)")
+    assert script == "jobs/pipeline.py" and (REPO / script).is_file()
+
+
+def test_documented_commands_name_existing_jobs_and_configs() -> None:
+    """Every ``jobs/*.py`` and ``configs/*.yaml`` that a cluster file or command names exists."""
+    named = set()
+    for path in [*_shipped_files(), CLUSTER / "README.md"]:
+        named.update(re.findall(r"\b(?:jobs/\w+\.py|configs/[\w.-]+\.yaml)\b", path.read_text()))
+    assert "jobs/pipeline.py" in named
+    assert [n for n in sorted(named) if not (REPO / n).is_file()] == []
 
 
 def test_dockerfile_builds_the_image_the_manifests_name() -> None:
