@@ -561,6 +561,7 @@ def run_user_preferences(cfg: PipelineConfig, run: RunDir) -> dict[str, Any]:
     """
     t0 = time.perf_counter()
     up = cfg.user_preferences
+    run.clear_stage(STAGE)  # preferences/ is incomplete until this run's marker is written
     sequences = run.read_table("sequences", columns=["user_id", "split", "history", "target"])
     titles = _lookup_items(run)
     summaries = _lookup_summaries(run) if up.use_item_summaries else {}
