@@ -74,6 +74,35 @@ QWEN_CHAT_TEMPLATE = r"""
 ``image_pil``) render as ``<|vision_start|><|image_pad|><|vision_end|>``; the text-only Qwen2
 template is the same (it never receives image parts)."""
 
+LLAVA_CHAT_TEMPLATE = r"""
+{{- bos_token }}
+{%- for message in messages %}
+{%- if message['role'] == 'system' %}
+{{- message['content'] + '\n\n' }}
+{%- elif message['role'] == 'user' %}
+{{- '[INST] ' }}
+{%- if message['content'] is string %}
+{{- message['content'] }}
+{%- else %}
+{%- for part in message['content'] %}
+{%- if part['type'] in ('image', 'image_url', 'image_pil') %}
+{{- '<image>\n' }}
+{%- elif part['type'] == 'text' %}
+{{- part['text'] }}
+{%- endif %}
+{%- endfor %}
+{%- endif %}
+{{- ' [/INST]' }}
+{%- elif message['role'] == 'assistant' %}
+{{- ' ' + message['content'] + eos_token }}
+{%- endif %}
+{%- endfor %}
+""".strip()
+"""Mistral-instruct style template of LLaVA-v1.6-Mistral (the paper's model): an image part
+renders as ``<image>\n`` before the text, the turn is wrapped in ``[INST] ... [/INST]``."""
+
+LLAVA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN_VL_SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS + [
     "<|vision_start|>",
@@ -176,7 +205,9 @@ class TinySpec:
     vision_heads: int = 1
     image_min_pixels: int = 56 * 56
     image_max_pixels: int = 224 * 224
-    """At most 16x16 patches of 14 px, merged 2x2: <= 64 image tokens per image."""
+    """Qwen2-VL: at most 16x16 patches of 14 px, merged 2x2: <= 64 image tokens per image."""
+    image_size: int = 112
+    """LLaVA: fixed square input resolution (8x8 patches of 14 px: 64 image tokens)."""
     max_position_embeddings: int = 4096
     initializer_range: float = 0.2
     """Larger than usual so that different inputs give visibly different random outputs."""
@@ -186,14 +217,25 @@ class TinySpec:
 TINY_SPECS: dict[str, TinySpec] = {
     "qwen2-vl": TinySpec(name="qwen2-vl", family="qwen2_vl"),
     "qwen2": TinySpec(name="qwen2", family="qwen2", seed=1),
+    "llava": TinySpec(name="llava", family="llava", seed=2),
 }
 
 
 # --------------------------------------------------------------------------- tokenizer
 
 
-def build_tokenizer(special_tokens: list[str], chat_template: str, vocab_size: int = VOCAB_SIZE):
-    """Train a byte-level BPE on the built-in corpus and wrap it as a fast HF tokenizer."""
+def build_tokenizer(
+    special_tokens: list[str],
+    chat_template: str,
+    eos_token: str = "<|im_end|>",
+    pad_token: str = "<|endoftext|>",
+    bos_token: str | None = None,
+    vocab_size: int = VOCAB_SIZE,
+):
+    """Train a byte-level BPE on the built-in corpus and wrap it as a fast HF tokenizer.
+
+    ``special_tokens`` get the first ids, in order; ``eos``/``pad``/``bos`` must be among them.
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -211,10 +253,11 @@ def build_tokenizer(special_tokens: list[str], chat_template: str, vocab_size: i
     tok.train_from_iterator(_corpus(), trainer=trainer)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        eos_token=eos_token,
+        pad_token=pad_token,
+        bos_token=bos_token,
         extra_special_tokens=[
-            t for t in special_tokens if t not in ("<|im_end|>", "<|endoftext|>")
+            t for t in special_tokens if t not in (eos_token, pad_token, bos_token)
         ],
         chat_template=chat_template,
         model_max_length=4096,
@@ -286,7 +329,12 @@ def _build_qwen2_vl(spec: TinySpec, out: Path) -> None:
     config.architectures = ["Qwen2VLForConditionalGeneration"]
     torch.manual_seed(spec.seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
-    _finish_generation_config(model, ids)
+    _finish_generation_config(
+        model,
+        eos=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad=ids["<|endoftext|>"],
+        bos=ids["<|endoftext|>"],
+    )
     model.save_pretrained(out)
 
     size = {"shortest_edge": spec.image_min_pixels, "longest_edge": spec.image_max_pixels}
@@ -324,20 +372,104 @@ def _build_qwen2(spec: TinySpec, out: Path) -> None:
     config.architectures = ["Qwen2ForCausalLM"]
     torch.manual_seed(spec.seed)
     model = Qwen2ForCausalLM(config).eval()
-    _finish_generation_config(model, ids)
+    _finish_generation_config(
+        model,
+        eos=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad=ids["<|endoftext|>"],
+        bos=ids["<|endoftext|>"],
+    )
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
 
-def _finish_generation_config(model, ids: dict[str, int]) -> None:
+def _build_llava(spec: TinySpec, out: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = build_tokenizer(
+        LLAVA_SPECIAL_TOKENS,
+        LLAVA_CHAT_TEMPLATE,
+        eos_token="</s>",
+        pad_token="<pad>",
+        bos_token="<s>",
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=spec.vision_embed_dim,
+            intermediate_size=2 * spec.vision_embed_dim,
+            num_hidden_layers=spec.vision_depth,
+            num_attention_heads=spec.vision_heads,
+            image_size=spec.image_size,
+            patch_size=14,
+            projection_dim=spec.vision_embed_dim,
+            initializer_range=spec.initializer_range,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_layers,
+            num_attention_heads=spec.num_heads,
+            num_key_value_heads=spec.num_kv_heads,
+            max_position_embeddings=spec.max_position_embeddings,
+            initializer_range=spec.initializer_range,
+            bos_token_id=ids["<s>"],
+            eos_token_id=ids["</s>"],
+            pad_token_id=ids["<pad>"],
+        ),
+        image_token_id=ids["<image>"],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    torch.manual_seed(spec.seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    _finish_generation_config(model, eos=[ids["</s>"]], pad=ids["<pad>"], bos=ids["<s>"])
+    model.save_pretrained(out)
+    # transformers 5 saves the CLIP tower as ``vision_tower.*``; vLLM (and hub checkpoints)
+    # name it ``vision_tower.vision_model.*``. transformers loads both spellings.
+    weights = out / "model.safetensors"
+    state = load_file(weights)
+    renamed = {
+        ("vision_tower.vision_model." + k[len("vision_tower.") :])
+        if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
+        else k: v
+        for k, v in state.items()
+    }
+    save_file(dict(sorted(renamed.items())), weights, metadata={"format": "pt"})
+
+    side = {"height": spec.image_size, "width": spec.image_size}
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": spec.image_size}, crop_size=side),
+        tokenizer=tok,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _finish_generation_config(model, eos: list[int], pad: int, bos: int) -> None:
     gen = model.generation_config
-    gen.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    gen.pad_token_id = ids["<|endoftext|>"]
-    gen.bos_token_id = ids["<|endoftext|>"]
+    gen.eos_token_id = eos
+    gen.pad_token_id = pad
+    gen.bos_token_id = bos
     gen.do_sample = False
 
 
-_BUILDERS = {"qwen2_vl": _build_qwen2_vl, "qwen2": _build_qwen2}
+_BUILDERS = {"qwen2_vl": _build_qwen2_vl, "qwen2": _build_qwen2, "llava": _build_llava}
 
 
 # --------------------------------------------------------------------------- cache

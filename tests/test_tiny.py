@@ -121,3 +121,19 @@ def test_vl_chat_template_and_processor_place_image_tokens(cache):
         logits = model(**batch).logits
     assert logits.shape[:2] == batch["input_ids"].shape
     assert torch.isfinite(logits).all()
+
+
+def test_llava_processor_places_image_tokens(cache):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = cache / "tiny" / "llava"
+    processor = AutoProcessor.from_pretrained(path)
+    chat = prompts.recommender_messages("likes red", "Red ball", image=None)
+    text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<s>[INST] <image>\nBased on") and text.endswith(" [/INST]")
+    batch = processor(text=[text], images=[Image.new("RGB", (300, 200))], return_tensors="pt")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert int((batch["input_ids"] == image_id).sum()) == 64  # 112 px / 14 = 8x8 patches
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()

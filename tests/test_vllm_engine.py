@@ -1,7 +1,7 @@
 """The vLLM adapter on the real engine with the tiny offline models (CPU).
 
-One engine per class (started once, closed at the end of the class): the tiny Qwen2-VL for
-images, the tiny Qwen2 (with LoRA enabled) for text generation and Yes/No scoring, checked
+One engine per class (started once, closed at the end of the class): the tiny Qwen2-VL and the
+tiny LLaVA for images, the tiny Qwen2 (with LoRA enabled) for text generation and Yes/No scoring, checked
 against a transformers forward pass.
 """
 
@@ -76,6 +76,26 @@ class TestVisionLanguage:
         scores = engine.score_yes_no(chats)
         assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)
         assert scores[0] != scores[1]
+
+
+class TestLlava:
+    @pytest.fixture(scope="class")
+    def engine(self, cache_dir):
+        from mllm_msr.engines.vllm import VLLMEngine
+
+        cfg = EngineConfig(model="tiny:llava", family="llava", dtype="float32", max_model_len=1024)
+        engine = VLLMEngine(cfg, cache_dir=cache_dir)
+        yield engine
+        engine.close()
+
+    def test_generates_per_image_and_scores(self, engine):
+        chats = [prompts.item_summary_messages(img, "Demo [INST] item") for img in _images()]
+        out = engine.generate([*chats, prompts.text_only(chats[0])], GREEDY)
+        assert out[0].text != out[1].text
+        # Fixed 112x112 input: 8x8 patches -> 64 image tokens, plus the newline after <image>.
+        assert out[0].prompt_tokens == out[1].prompt_tokens == out[2].prompt_tokens + 64 + 1
+        scores = engine.score_yes_no([prompts.recommender_messages("p", "t", image=_images()[0])])
+        assert 0.0 < scores[0] < 1.0
 
 
 class TestTextLLM:
