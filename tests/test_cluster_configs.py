@@ -342,7 +342,13 @@ def test_launcher_token_auth_install_and_storage() -> None:
     token_src = config["file_mounts"]["~/.ray/auth_token"]
     assert token_src.startswith("~/") and not (REPO / token_src).exists()
     assert any("scripts/install.sh gpu" in c for c in config["setup_commands"])
-    assert {".venv", ".cache", "runs", ".git"} <= set(config["rsync_exclude"])
+    # Only what the install needs is mounted (never the venv, caches or runs: `ray up` hashes
+    # every mounted file), and every mounted repository path exists.
+    for remote, local in config["file_mounts"].items():
+        if remote.startswith("~/mllm-msr/"):
+            assert local == "./" + remote.removeprefix("~/mllm-msr/")
+            assert local not in ("./.venv", "./.cache", "./runs", "./.git", ".")
+            assert (REPO / local).exists(), local
     assert "run_dir=s3://" in LAUNCHER.read_text()
 
 
