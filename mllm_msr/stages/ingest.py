@@ -64,6 +64,8 @@ def run_ingest(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
         icfg = dataclasses.replace(icfg, root=os.path.abspath(icfg.root))
     src = adapter(icfg.format)(icfg)
     items, interactions = src.items, src.interactions
+    if src.image_root and not os.path.isdir(src.image_root):
+        log(f"[ingest] warning: image folder {src.image_root} does not exist: items are text-only")
     if not src.final:
         parts = max(1, icfg.num_shards)
         items = dedupe(items, "item_id", dedupe_items, parts)
