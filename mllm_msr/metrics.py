@@ -195,6 +195,22 @@ def evaluate_scores(
     return out
 
 
+def evaluate_methods(
+    scores: pa.Table,
+    ks: Sequence[int] = DEFAULT_KS,
+    on_degenerate: Literal["skip", "raise"] = "skip",
+) -> dict[str, dict[str, float | int]]:
+    """:func:`evaluate_scores` for each ``method`` of a SCORES table, in order of appearance."""
+    if "method" not in scores.column_names:
+        raise ValueError("scores table misses column 'method'")
+    methods = scores.column("method").to_pylist()
+    out: dict[str, dict[str, float | int]] = {}
+    for method in dict.fromkeys(methods):
+        rows = scores.filter(pa.array([m == method for m in methods]))
+        out[method] = evaluate_scores(rows, ks=ks, on_degenerate=on_degenerate)
+    return out
+
+
 def bootstrap_ci(
     table: pa.Table | None = None,
     *,

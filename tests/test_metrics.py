@@ -11,6 +11,7 @@ import pytest
 from mllm_msr.metrics import (
     auc,
     bootstrap_ci,
+    evaluate_methods,
     evaluate_scores,
     group_ranks,
     metric_names,
@@ -207,3 +208,23 @@ def test_format_metrics_table():
     # The default columns follow metric_names: AUC, UAUC, HR@k, MRR@k, NDCG@k.
     header = format_metrics_table({"m": {"auc": 0.5}}, ks=(1, 5)).splitlines()[0]
     assert header == "| method | AUC | UAUC | HR@1 | HR@5 | MRR@1 | MRR@5 | NDCG@1 | NDCG@5 |"
+
+
+def test_evaluate_methods_splits_a_scores_table_by_method():
+    # Same two-user example scored by two methods: "flat" ties everything, "good" ranks first.
+    users = ["a", "a", "a", "b", "b", "b"]
+    labels = [1, 0, 0, 1, 0, 0]
+    table = pa.table(
+        {
+            "user_id": users * 2,
+            "item_id": ["x"] * 12,
+            "label": pa.array(labels * 2, pa.int8()),
+            "score": [0.5] * 6 + [0.9, 0.1, 0.2] * 2,
+            "method": ["flat"] * 6 + ["good"] * 6,
+        }
+    )
+    result = evaluate_methods(table, ks=(1,))
+    assert list(result) == ["flat", "good"]
+    assert (result["flat"]["auc"], result["flat"]["hr@1"]) == (0.5, 0.0)
+    assert (result["good"]["auc"], result["good"]["hr@1"]) == (1.0, 1.0)
+    assert result["good"]["n_rows"] == 6
