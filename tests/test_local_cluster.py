@@ -17,6 +17,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -106,11 +107,19 @@ def test_local_cluster_token_auth_submit_and_stop() -> None:
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
         assert f"Job '{job_id}' succeeded" in submitted.stdout + submitted.stderr
 
-        # `status` and `logs` through the script, side by side (each is a CLI start-up).
-        with ThreadPoolExecutor(2) as pool:
-            status, logs = pool.map(
-                lambda cmd: _run([cmd, job_id], env, timeout=60), ["status", "logs"]
+        # `status` and `logs` through the script, and a tokenless `ray status` straight to the
+        # GCS (which listens on every interface), side by side: each is a CLI start-up.
+        ray_cli = str(Path(sys.executable).with_name("ray"))
+        tokenless = [ray_cli, "status", "--address", f"127.0.0.1:{state['GCS_PORT']}"]
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(_run, [cmd, job_id], env, 60) for cmd in ("status", "logs")]
+            futures.append(
+                pool.submit(
+                    subprocess.run, tokenless, env=env, capture_output=True, text=True, timeout=60
+                )
             )
+            status, logs, gcs = (f.result() for f in futures)
+        assert gcs.returncode != 0 and "InvalidAuthToken" in gcs.stderr, gcs.stderr[-2000:]
         assert f"Job '{job_id}' succeeded" in status.stdout + status.stderr, status.stdout
         assert logs.returncode == 0, logs.stderr
         request = urllib.request.Request(
