@@ -396,7 +396,8 @@ def read_item_summaries(run: RunDir, columns: list[str] | None = None) -> pa.Tab
 class ItemSummarizer:
     """Ray Data callable class: owns one vLLM engine, summarizes and writes batches of items.
 
-    Returns one row per batch: ``part, rows_in, rows_out, quarantined, seconds``.
+    Returns one row per batch: ``part, rows_in, rows_out, quarantined, seconds, started_at,
+    finished_at`` (wall-clock times, for the stage's active throughput).
     """
 
     def __init__(
@@ -418,6 +419,7 @@ class ItemSummarizer:
         return self.engine.generate(chats, self.cfg.sampling)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started_at = time.time()
         t0 = time.perf_counter()
         rows = batch.select(INPUT_COLUMNS).to_pylist()
         del batch
@@ -443,6 +445,8 @@ class ItemSummarizer:
                 "rows_out": [len(result.summaries)],
                 "quarantined": [len(result.quarantine)],
                 "seconds": [seconds],
+                "started_at": [started_at],
+                "finished_at": [time.time()],
             }
         )
 
@@ -477,8 +481,14 @@ def _summarize_in_driver(run: RunDir, todo: set[str], cfg: ItemSummariesConfig, 
     return len(rows)
 
 
-def _summarize_with_ray(cfg: PipelineConfig, run: RunDir, todo: set[str], n_items: int, log) -> int:
-    """Map :class:`ItemSummarizer` actors over the items still to do; returns items processed."""
+def _summarize_with_ray(
+    cfg: PipelineConfig, run: RunDir, todo: set[str], n_items: int, log
+) -> dict[str, float]:
+    """Map :class:`ItemSummarizer` actors over the items still to do.
+
+    Returns ``processed`` (items) and ``active_seconds``: from the start of the first batch to
+    the end of the last one (engine start-up and Ray Data planning excluded).
+    """
     import ray
     from ray.data.expressions import col
 
@@ -491,6 +501,12 @@ def _summarize_with_ray(cfg: PipelineConfig, run: RunDir, todo: set[str], n_item
     num_gpus = s.pool.num_gpus
     if num_gpus > 0:  # an engine with tensor parallelism needs all its GPUs in its actor
         num_gpus = max(num_gpus, float(s.engine.tensor_parallel_size))
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if s.pool.concurrency * s.pool.num_cpus >= cpus:
+        log(
+            f"[{STAGE}] warning: {s.pool.concurrency} actors x {s.pool.num_cpus} CPUs take all "
+            f"{cpus:g} CPUs of the cluster; reading items needs CPUs too (lower pool.num_cpus)"
+        )
     crash_on = os.environ.get(FAULT_ENV) or None
     ds = ds.map_batches(
         ItemSummarizer,
@@ -509,15 +525,17 @@ def _summarize_with_ray(cfg: PipelineConfig, run: RunDir, todo: set[str], n_item
     # Fault tolerance comes from Ray Data's actor-pool defaults (``max_restarts=-1``,
     # ``max_task_retries=-1``; Ray 2.60 deprecates passing them here): a dead actor is restarted
     # and its unfinished batch retried. Batch files are idempotent, so a retry never duplicates.
-    processed = 0
+    processed, first_start, last_end = 0, float("inf"), 0.0
     for row in ds.iter_rows():
         processed += row["rows_in"]
+        first_start = min(first_start, row["started_at"])
+        last_end = max(last_end, row["finished_at"])
         log(
             f"[{STAGE}] {processed}/{len(todo)} items: batch {row['part']} "
             f"{row['rows_out']} summarized, {row['quarantined']} quarantined "
             f"({row['seconds']:.2f} s)"
         )
-    return processed
+    return {"processed": processed, "active_seconds": max(0.0, last_end - first_start)}
 
 
 def run_item_summaries(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
@@ -525,7 +543,9 @@ def run_item_summaries(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
 
     Summary keys: ``rows_in`` (items), ``rows_out`` (summaries), ``quarantined``, ``skipped``
     (items already summarized before this run), ``summarized`` (items done by this run),
-    ``dropped`` (stale/duplicate rows removed), ``seconds``, ``items_per_s``.
+    ``dropped`` (stale/duplicate rows removed), ``seconds``, ``items_per_s`` (over the work
+    phase, engine start-up included) and ``active_items_per_s`` (first batch start to last
+    batch end: engine start-up excluded).
     """
     if run.stage_done(STAGE):
         log(f"[{STAGE}] complete, nothing to do")
@@ -549,9 +569,11 @@ def run_item_summaries(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
         f"dropped {state.dropped} stale rows)"
     )
     t_work = time.perf_counter()
+    active_seconds = None
     if todo:
         if s.enabled:
-            _summarize_with_ray(cfg, run, todo, len(expected), log)
+            stats = _summarize_with_ray(cfg, run, todo, len(expected), log)
+            active_seconds = stats["active_seconds"]
         else:
             _summarize_in_driver(run, todo, s, log)
     work_seconds = time.perf_counter() - t_work
@@ -574,6 +596,10 @@ def run_item_summaries(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
         "multi_image": s.multi_image,
         "work_seconds": round(work_seconds, 3),
         "items_per_s": round(len(todo) / work_seconds, 3) if todo and work_seconds > 0 else None,
+        "active_seconds": None if active_seconds is None else round(active_seconds, 3),
+        "active_items_per_s": (
+            round(len(todo) / active_seconds, 3) if todo and active_seconds else None
+        ),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     run.mark_done(STAGE, summary)

@@ -1,0 +1,256 @@
+"""Benchmark of the item-summaries stage on the tiny Qwen2-VL (same images, same max new tokens).
+
+Figures, measured in one run on the same drawn catalog (one image per item, greedy decoding):
+
+* ``hf_baseline``: the reference code's way: one process, Hugging Face ``generate``, batches of
+  ``--hf-batch`` images padded to the batch's longest prompt (``--hf-dtype``, float32 by default:
+  the faster of the two on CPU);
+* ``vllm_raw``: the vLLM engine in this process, every prompt in one ``generate`` call, engine
+  start excluded;
+* ``stage``: :func:`mllm_msr.stages.item_summaries.run_item_summaries` on a local Ray cluster,
+  once per ``--actors`` entry (``N`` actors, or ``NxC``: N actors with C CPUs each, C defaulting
+  to ``--cpus / N``). Reported per run: items/s over the whole work phase (engine start-up
+  included) and "active" items/s, from the first batch's start to the last batch's end.
+
+Ratios: stage (1 actor, active) / hf_baseline (target >= 5x) and stage / vllm_raw (target
+>= 0.7). Prints a JSON report (and writes it with ``--out``).
+
+    .venv/bin/python bench/item_summaries.py --items 128 --actors 1x2 2x1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyarrow as pa  # noqa: E402
+
+from mllm_msr import prompts  # noqa: E402
+from mllm_msr.config import ImageConfig, PipelineConfig, load_config  # noqa: E402
+from mllm_msr.data import demo, schema  # noqa: E402
+from mllm_msr.data.images import image_set_hash, normalize_image  # noqa: E402
+from mllm_msr.runtime import RunDir, cpu_env_defaults  # noqa: E402
+from mllm_msr.stages import item_summaries as stage  # noqa: E402
+
+
+def make_items(n: int, side: int, seed: int = 0) -> pa.Table:
+    """``n`` demo items with one drawn cover each, normalized like ingest does."""
+    rows = []
+    for i in range(n):
+        img = normalize_image(demo.draw_item_image(i, seed, side=side), ImageConfig(max_side=side))
+        rows.append(
+            {
+                "item_id": demo.item_id(i),
+                "title": demo.item_title(i, seed),
+                "text": demo.item_text(i),
+                "images": [img.data],
+                "image_hashes": [img.sha256],
+                "image_hash": image_set_hash([img.sha256]),
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=schema.ITEMS)
+
+
+def item_chats(items: pa.Table) -> list[prompts.Chat]:
+    """The stage's prompts for single-image items (decoded PIL image + title)."""
+    return [
+        prompts.item_summary_messages(stage.decode_image(r["images"][0]), r["title"])
+        for r in items.select(["title", "images"]).to_pylist()
+    ]
+
+
+def bench_vllm_raw(cfg: PipelineConfig, chats: list[prompts.Chat]) -> dict:
+    from mllm_msr.engines.vllm import VLLMEngine
+
+    s = cfg.item_summaries
+    t0 = time.perf_counter()
+    engine = VLLMEngine(s.engine, Path(cfg.cache_dir).absolute())
+    start = time.perf_counter() - t0
+    engine.generate(chats[:2], s.sampling)  # warm-up
+    t0 = time.perf_counter()
+    out = engine.generate(chats, s.sampling)
+    seconds = time.perf_counter() - t0
+    engine.close()
+    return {
+        "engine_start_s": round(start, 2),
+        "seconds": round(seconds, 3),
+        "items_per_s": round(len(chats) / seconds, 2),
+        "output_tokens": sum(g.output_tokens for g in out),
+    }
+
+
+def bench_hf(cfg: PipelineConfig, chats: list[prompts.Chat], batch: int, dtype: str) -> dict:
+    """One process, ``generate`` on padded batches (as the reference implementation does)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mllm_msr.tiny import resolve_model
+
+    s = cfg.item_summaries
+    path = resolve_model(s.engine.model, Path(cfg.cache_dir).absolute())
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    kwargs = {}
+    if s.engine.image_max_pixels:
+        kwargs["images_kwargs"] = {"max_pixels": s.engine.image_max_pixels}
+    eos = model.generation_config.eos_token_id
+    tokens = 0
+    t0 = time.perf_counter()
+    for start in range(0, len(chats), batch):
+        part = chats[start : start + batch]
+        texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in part]
+        images = [prompts.chat_images(c)[0] for c in part]
+        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt", **kwargs)
+        with torch.inference_mode():
+            out = model.generate(
+                **inputs, max_new_tokens=s.sampling.max_new_tokens, do_sample=False
+            )
+        new = out[:, inputs["input_ids"].shape[1] :]
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        tokens += sum(
+            next((k for k, t in enumerate(row.tolist()) if t in eos_ids), len(row)) for row in new
+        )
+    seconds = time.perf_counter() - t0
+    return {
+        "batch": batch,
+        "dtype": dtype,
+        "seconds": round(seconds, 3),
+        "items_per_s": round(len(chats) / seconds, 2),
+        "output_tokens": tokens,
+    }
+
+
+def bench_stage(base: PipelineConfig, items: pa.Table, actors: int, cpus: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-is-") as tmp:
+        run = RunDir(tmp)
+        step = -(-items.num_rows // 4)
+        for k in range(4):
+            run.write_table("items", items.slice(k * step, step), name=f"part-{k:05d}")
+        s = base.item_summaries
+        pool = dataclasses.replace(s.pool, concurrency=actors, num_cpus=cpus)
+        cfg = dataclasses.replace(
+            base, run_dir=tmp, item_summaries=dataclasses.replace(s, pool=pool)
+        )
+        t0 = time.perf_counter()
+        summary = stage.run_item_summaries(cfg, run, log=lambda *_: None)
+        wall = time.perf_counter() - t0
+    return {
+        "actors": actors,
+        "cpus_per_actor": cpus,
+        "rows_out": summary["rows_out"],
+        "wall_s": round(wall, 2),
+        "items_per_s": round(items.num_rows / summary["work_seconds"], 2),
+        "active_s": summary["active_seconds"],
+        "active_items_per_s": summary["active_items_per_s"],
+    }
+
+
+def parse_actors(spec: str, total_cpus: int) -> tuple[int, float]:
+    n, _, c = spec.partition("x")
+    return int(n), float(c) if c else total_cpus / int(n)
+
+
+def main(args: argparse.Namespace) -> dict:
+    base_cfg = load_config(
+        args.config,
+        [
+            f"cache_dir={Path(args.cache_dir).absolute()}",
+            f"item_summaries.sampling.max_new_tokens={args.max_new_tokens}",
+            f"item_summaries.pool.batch_size={args.batch_size}",
+            "item_summaries.sampling.temperature=0.0",
+            *args.overrides,
+        ],
+    )
+    for key, value in cpu_env_defaults().items():
+        os.environ.setdefault(key, value)
+    items = make_items(args.items, args.image_side)
+    chats = item_chats(items)
+    report: dict = {
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+        "model": base_cfg.item_summaries.engine.model,
+        "items": args.items,
+        "image_side": args.image_side,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+    }
+    report["vllm_raw"] = bench_vllm_raw(base_cfg, chats)
+    print(json.dumps({"vllm_raw": report["vllm_raw"]}), flush=True)
+    if not args.skip_hf:
+        report["hf_baseline"] = bench_hf(base_cfg, chats, args.hf_batch, args.hf_dtype)
+        print(json.dumps({"hf_baseline": report["hf_baseline"]}), flush=True)
+
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="ray-bis-")
+    ray.init(
+        num_cpus=args.ray_cpus,
+        object_store_memory=500_000_000,
+        include_dashboard=False,
+        _temp_dir=temp,
+        runtime_env={"env_vars": {k: os.environ[k] for k in cpu_env_defaults()}},
+    )
+    try:
+        report["stage"] = []
+        for spec in args.actors:
+            n, c = parse_actors(spec, args.cpus)
+            result = bench_stage(base_cfg, items, n, c)
+            report["stage"].append(result)
+            print(json.dumps({"stage": result}), flush=True)
+    finally:
+        ray.shutdown()
+    one = next((r for r in report["stage"] if r["actors"] == 1), None)
+    two = next((r for r in report["stage"] if r["actors"] == 2), None)
+    ratios = {}
+    if one:
+        ratios["stage_1actor_vs_vllm_raw"] = round(
+            one["active_items_per_s"] / report["vllm_raw"]["items_per_s"], 3
+        )
+        if "hf_baseline" in report:
+            ratios["stage_1actor_vs_hf"] = round(
+                one["active_items_per_s"] / report["hf_baseline"]["items_per_s"], 2
+            )
+    if one and two:
+        ratios["2_vs_1_actors_active"] = round(
+            two["active_items_per_s"] / one["active_items_per_s"], 3
+        )
+        ratios["2_vs_1_actors_wall"] = round(two["items_per_s"] / one["items_per_s"], 3)
+    report["ratios"] = ratios
+    report["load_after"] = round(os.getloadavg()[0], 1)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return report
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    p.add_argument("--cache-dir", default=os.environ.get("MLLM_MSR_CACHE", ".cache/mllm_msr"))
+    p.add_argument("--items", type=int, default=128)
+    p.add_argument("--image-side", type=int, default=224)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32, help="stage batch size")
+    p.add_argument("--hf-batch", type=int, default=8)
+    p.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--cpus", type=int, default=2, help="CPUs shared by the stage's actors")
+    p.add_argument("--ray-cpus", type=int, default=3, help="logical CPUs of the local Ray")
+    p.add_argument("--actors", nargs="+", default=["1x2", "2x1"], help="N or NxCPUS per run")
+    p.add_argument("--out", default=None, help="also write the JSON report here")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides")
+    return p
+
+
+if __name__ == "__main__":
+    main(make_parser().parse_args())
