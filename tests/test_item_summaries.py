@@ -175,24 +175,34 @@ class Gen:
     output_tokens: int
 
 
+def _chat_text(chat: prompts.Chat) -> str:
+    parts: list[str] = []
+    for message in chat:
+        content = message["content"]
+        if isinstance(content, str):
+            parts.append(content)
+        else:
+            parts += [p["text"] for p in content if p.get("type") == "text"]
+    return " ".join(parts)
+
+
 class ScriptedGenerate:
     """A deterministic stand-in for the engine in the orchestration unit tests: answers
-    ``"<n>-th answer"`` (empty when the prompt mentions a title listed in ``silent``)."""
+    ``"answer <n>"``, empty when the prompt mentions a string of ``silent``; a call whose
+    prompts mention a string of ``reject`` raises (like vLLM on a too-long prompt)."""
 
-    def __init__(self, silent: tuple[str, ...] = ()) -> None:
+    def __init__(self, silent: tuple[str, ...] = (), reject: tuple[str, ...] = ()) -> None:
         self.calls: list[list[prompts.Chat]] = []
         self.silent = silent
+        self.reject = reject
 
     def __call__(self, chats):
         self.calls.append(chats)
         out = []
         for chat in chats:
-            text = " ".join(
-                p["text"] if isinstance(p, dict) else p
-                for m in chat
-                for p in (m["content"] if isinstance(m["content"], list) else [m["content"]])
-                if not isinstance(p, dict) or p.get("type") == "text"
-            )
+            text = _chat_text(chat)
+            if any(r in text for r in self.reject):
+                raise ValueError("prompt longer than max_model_len")
             silent = any(s in text for s in self.silent)
             out.append(Gen("" if silent else f"answer {len(out)}", 10, 0 if silent else 3))
         return out
@@ -226,11 +236,25 @@ def test_summarize_items_fuses_multi_image_items_and_quarantines_bad_rows():
     cfg.multi_image = "first"
     gen = ScriptedGenerate()
     result = stage.summarize_items(rows, gen, cfg)
-    assert len(gen.calls[0]) == 5 + 1 and gen.calls[1] == []  # 5 first images, 1 text-only
+    assert len(gen.calls) == 1 and len(gen.calls[0]) == 5 + 1  # 5 first images, 1 text-only
     assert {r["prompt_version"] for r in result.summaries} == {
         "item_summary/v1",
         "item_text_summary/v1",
     }
+
+
+def test_a_rejected_prompt_fails_alone():
+    rows = make_items(4, multi_every=0, text_only=(), corrupt=(), injection=False).to_pylist()
+    gen = ScriptedGenerate(reject=(demo.item_title(2, 0),))
+    result = stage.summarize_items(rows, gen, PipelineConfig().item_summaries)
+    assert [len(c) for c in gen.calls] == [4, 1, 1, 1, 1]  # the batch, then one by one
+    assert [q["key"] for q in result.quarantine] == [demo.item_id(2)]
+    assert result.quarantine[0]["reason"] == "engine_error"
+    assert len(result.summaries) == 3
+
+    broken = ScriptedGenerate(reject=("Please describe",))  # every prompt fails: engine broken
+    with pytest.raises(ValueError):
+        stage.summarize_items(rows, broken, PipelineConfig().item_summaries)
 
 
 def test_reconcile_drops_stale_and_duplicate_rows(tmp_path):

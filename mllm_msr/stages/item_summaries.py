@@ -16,7 +16,8 @@ How an item is summarized (:func:`summarize_items`):
   is the title and no engine starts.
 
 Rows that cannot be summarized go to ``quarantine/item_summaries/`` with a reason
-(``corrupt_image``, ``empty_output``, ``empty_text``); none is dropped silently.
+(``corrupt_image``, ``empty_text``, ``empty_output``, ``engine_error``); none is dropped
+silently.
 
 Scale-out: a Ray Data ``map_batches`` over an actor pool of :class:`ItemSummarizer` (one vLLM
 engine per actor; ``pool.concurrency`` actors, ``pool.num_gpus`` GPUs each, tensor parallelism
@@ -187,69 +188,102 @@ def decode_image(data: bytes):
 
 @dataclass
 class _Pending:
+    """An item on its way through the engine calls of one batch."""
+
     key: SummaryKey
     title: str
     text: str
+    fuse: bool = False
     descriptions: list[str] = field(default_factory=list)
+    summary: str = ""
+    error: str = ""
     prompt_tokens: int = 0
     output_tokens: int = 0
+
+    def count(self, gen: Any) -> None:
+        self.prompt_tokens += gen.prompt_tokens
+        self.output_tokens += gen.output_tokens
+
+
+def generate_each(generate: Generate, chats: list[prompts.Chat]) -> list[Any]:
+    """``generate(chats)``; when the batch fails, each chat alone, errors returned in place.
+
+    A bad request (e.g. a prompt longer than ``max_model_len``) then fails alone instead of
+    failing its batch forever. When every chat fails alone too, the engine itself is broken and
+    the first error is raised.
+    """
+    if not chats:
+        return []
+    try:
+        return list(generate(chats))
+    except Exception:  # noqa: BLE001 - retried one by one below
+        pass
+    out: list[Any] = []
+    for chat in chats:
+        try:
+            out.extend(generate([chat]))
+        except Exception as exc:  # noqa: BLE001
+            out.append(exc)
+    if all(isinstance(o, Exception) for o in out):
+        raise out[0]
+    return out
 
 
 def summarize_items(
     rows: Sequence[dict[str, Any]], generate: Generate, cfg: ItemSummariesConfig
 ) -> BatchResult:
-    """Summarize a batch of ``items/`` rows with at most two engine calls.
+    """Summarize a batch of ``items/`` rows with (normally) two engine calls.
 
     Call 1 holds every image prompt and every text-only prompt of the batch; call 2 the fusion
-    prompts of the items with several images (``per_image_fusion``).
+    prompts of the items with several images (``per_image_fusion``). Quarantine reasons:
+    ``corrupt_image``, ``empty_text`` (nothing to summarize), ``empty_output``,
+    ``engine_error`` (the engine rejected the item's prompt).
     """
     result = BatchResult()
-    first_calls: list[prompts.Chat] = []
-    owners: list[_Pending] = []
-    fusing: list[_Pending] = []
+    pending: list[_Pending] = []
+    calls: list[tuple[_Pending, prompts.Chat]] = []
     for row in rows:
         images = list(row.get("images") or [])
         key = item_key(row["item_id"], row.get("image_hash"), len(images), cfg)
-        title, text = row.get("title") or "", row.get("text") or ""
-        item = _Pending(key, title, text)
+        item = _Pending(key, (row.get("title") or "").strip(), (row.get("text") or "").strip())
+        if cfg.multi_image == "first":
+            images = images[:1]
         if images:
-            if cfg.multi_image == "first":
-                images = images[:1]
             try:
                 pil = [decode_image(data) for data in images]
             except Exception as exc:  # noqa: BLE001 - any decoder error is a corrupt image
                 detail = f"{type(exc).__name__}: {exc}"[:300]
                 result.quarantine.append(quarantine_row(key, "corrupt_image", detail))
                 continue
-            for image in pil:
-                first_calls.append(prompts.item_summary_messages(image, title))
-                owners.append(item)
-            if len(pil) > 1:
-                fusing.append(item)
-        elif title.strip() or text.strip():
-            first_calls.append(prompts.item_text_summary_messages(title, text))
-            owners.append(item)
+            item.fuse = len(pil) > 1
+            calls += [(item, prompts.item_summary_messages(im, item.title or None)) for im in pil]
+        elif item.title or item.text:
+            calls.append((item, prompts.item_text_summary_messages(item.title, item.text)))
         else:
             result.quarantine.append(quarantine_row(key, "empty_text", "no image, title or text"))
-    done: dict[int, _Pending] = {}
-    for item, gen in zip(owners, generate(first_calls)):
+            continue
+        pending.append(item)
+
+    for (item, _), gen in zip(calls, generate_each(generate, [chat for _, chat in calls])):
+        if isinstance(gen, Exception):
+            item.error = item.error or f"{type(gen).__name__}: {gen}"[:300]
+            continue
         item.descriptions.append(gen.text.strip())
-        item.prompt_tokens += gen.prompt_tokens
-        item.output_tokens += gen.output_tokens
-        done[id(item)] = item
-    fusion_items = [it for it in fusing if all(it.descriptions)]
-    fused = generate(
-        [prompts.item_fusion_messages(it.descriptions, it.title, it.text) for it in fusion_items]
-    )
-    summaries: dict[int, str] = {}
-    for item, gen in zip(fusion_items, fused):
-        summaries[id(item)] = gen.text.strip()
-        item.prompt_tokens += gen.prompt_tokens
-        item.output_tokens += gen.output_tokens
-    fusing_ids = {id(it) for it in fusing}
-    for item in done.values():
-        summary = summaries.get(id(item), "") if id(item) in fusing_ids else item.descriptions[0]
-        if not summary:
+        item.count(gen)
+    to_fuse = [it for it in pending if it.fuse and not it.error and all(it.descriptions)]
+    fusion = [prompts.item_fusion_messages(it.descriptions, it.title, it.text) for it in to_fuse]
+    for item, gen in zip(to_fuse, generate_each(generate, fusion)):
+        if isinstance(gen, Exception):
+            item.error = f"{type(gen).__name__}: {gen}"[:300]
+            continue
+        item.summary = gen.text.strip()
+        item.count(gen)
+
+    for item in pending:
+        summary = item.summary if item.fuse else (item.descriptions or [""])[0]
+        if item.error:
+            result.quarantine.append(quarantine_row(item.key, "engine_error", item.error))
+        elif not summary:
             empty = sum(1 for d in item.descriptions if not d)
             detail = (
                 f"{empty} of {len(item.descriptions)} image descriptions empty"
@@ -257,18 +291,18 @@ def summarize_items(
                 else "the model returned an empty summary"
             )
             result.quarantine.append(quarantine_row(item.key, "empty_output", detail))
-            continue
-        result.summaries.append(
-            {
-                "item_id": item.key.item_id,
-                "summary": summary,
-                "image_hash": item.key.image_hash,
-                "model": item.key.model,
-                "prompt_version": item.key.prompt_version,
-                "prompt_tokens": item.prompt_tokens,
-                "output_tokens": item.output_tokens,
-            }
-        )
+        else:
+            result.summaries.append(
+                {
+                    "item_id": item.key.item_id,
+                    "summary": summary,
+                    "image_hash": item.key.image_hash,
+                    "model": item.key.model,
+                    "prompt_version": item.key.prompt_version,
+                    "prompt_tokens": item.prompt_tokens,
+                    "output_tokens": item.output_tokens,
+                }
+            )
     return result
 
 
