@@ -365,8 +365,9 @@ class OutputState:
         return self.summarized | self.quarantined
 
 
-def _rewrite(run: RunDir, path: str, table: pa.Table, keep: list[bool]) -> None:
-    kept = table.filter(pa.array(keep, pa.bool_()))
+def _rewrite(run: RunDir, path: str, keep: list[bool]) -> None:
+    """Rewrite the Parquet file ``path`` with only the rows flagged in ``keep``."""
+    kept = pq.read_table(path, filesystem=run.fs).filter(pa.array(keep, pa.bool_()))
     if kept.num_rows == 0:
         run.fs.delete_file(path)
         return
@@ -385,9 +386,8 @@ def reconcile(run: RunDir, expected: dict[str, SummaryKey]) -> OutputState:
     summarized: set[str] = set()
     dropped = 0
     for path in run.table_files(OUTPUT):
-        table = pq.read_table(path, filesystem=run.fs)
         keep = []
-        for row in table.select(KEY_COLUMNS).to_pylist():
+        for row in pq.read_table(path, columns=KEY_COLUMNS, filesystem=run.fs).to_pylist():
             key = SummaryKey(**row)
             ok = expected.get(key.item_id) == key and key.item_id not in summarized
             if ok:
@@ -395,12 +395,11 @@ def reconcile(run: RunDir, expected: dict[str, SummaryKey]) -> OutputState:
             keep.append(ok)
         if not all(keep):
             dropped += keep.count(False)
-            _rewrite(run, path, table, keep)
+            _rewrite(run, path, keep)
     quarantined: set[str] = set()
     for path in run.table_files(QUARANTINE):
-        table = pq.read_table(path, filesystem=run.fs)
         keep = []
-        for row in table.to_pylist():
+        for row in pq.read_table(path, columns=["key", "detail"], filesystem=run.fs).to_pylist():
             key = quarantine_key(row)
             ok = (
                 key is not None
@@ -413,7 +412,7 @@ def reconcile(run: RunDir, expected: dict[str, SummaryKey]) -> OutputState:
             keep.append(ok)
         if not all(keep):
             dropped += keep.count(False)
-            _rewrite(run, path, table, keep)
+            _rewrite(run, path, keep)
     return OutputState(summarized, quarantined, dropped)
 
 
