@@ -305,17 +305,39 @@ def test_microlens_stage_quarantines_every_bad_row_and_is_idempotent(
     )
     assert all(q["detail"].to_pylist())
 
-    # a completed stage is not rerun; an interrupted one is cleared and rewritten (no duplicates)
+    # a completed stage is not rerun (the crash-rerun case: test_demo_stage_rerun_after_crash)
     files = run.table_files("items")
     assert run_ingest(cfg, run) == run.stage_summary("ingest")
     assert run.table_files("items") == files
+
+
+@pytest.mark.slow
+def test_demo_stage_rerun_after_crash_rewrites_without_duplicates(ray_local, tmp_path):
+    ingest = {"format": "demo", "demo_users": 50, "demo_items": 24, "num_shards": 2}
+    cfg, run, s = _run(tmp_path, "run", ingest)
+    check_counts(s)
+    assert s["items"]["written"] == 24 and s["interactions"]["written"] > 6 * 50
+    items, inter = run.read_table("items"), run.read_table("interactions")
+    # simulate a crash after partial writes: no marker, stray files in the output tables
     run.clear_stage("ingest")
-    run.write_table("items", run.read_table("items"), "left-over-from-a-crash")
+    run.write_table("items", items.slice(0, 5), "left-over-from-a-crash")
+    run.write_table("quarantine/ingest", _quarantine_row(), "left-over-from-a-crash")
     s2 = run_ingest(cfg, run)
     assert s2["items"] == s["items"] and s2["interactions"] == s["interactions"]
-    assert run.read_table("items").num_rows == 7
-    assert run.read_table("interactions").num_rows == 7
-    assert run.read_table("quarantine").num_rows == q.num_rows
+    key = [("item_id", "ascending")]
+    assert run.read_table("items").sort_by(key).equals(items.sort_by(key))
+    key = [("user_id", "ascending"), ("timestamp", "ascending")]
+    assert run.read_table("interactions").sort_by(key).equals(inter.sort_by(key))
+    assert not run.table_files("quarantine/ingest")
+
+
+def _quarantine_row() -> pa.Table:
+    from mllm_msr.data import schema
+
+    return pa.table(
+        {"stage": ["ingest"], "source": ["x"], "key": ["k"], "reason": ["r"], "detail": ["d"]},
+        schema=schema.QUARANTINE,
+    )
 
 
 @pytest.mark.slow
