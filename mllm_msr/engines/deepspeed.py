@@ -148,9 +148,12 @@ def rank_state_bytes(engine: Any) -> dict[str, int]:
     """Bytes this rank holds: model parameters (its ZeRO-3 partition, or all of them), the fp32
     partition of the trainable parameters that ZeRO reduces gradients into, and optimizer state.
     """
-    params = sum(
-        local_tensor(p).numel() * local_tensor(p).element_size() for p in engine.module.parameters()
-    )
+    params = 0
+    for p in engine.module.parameters():
+        if getattr(p, "ds_persist", False):  # ZeRO-3 keeps small parameters whole on every rank
+            params += p.ds_numel * p.ds_tensor.element_size()
+        else:
+            params += local_tensor(p).numel() * local_tensor(p).element_size()
     optimizer = engine.optimizer
     flat = getattr(optimizer, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
     if flat is None:
