@@ -192,6 +192,15 @@ def test_wavefront_calls_the_engine_once_per_round_not_per_user():
     assert len(seq_calls) == stats.blocks
 
 
+def test_direct_mode_summarizes_the_whole_history_in_one_prompt():
+    works = [UserWork(f"u{u}", _items(n)) for u, n in enumerate([2, 7, 10])]
+    calls: list = []
+    chains, stats = stage.wavefront(works, scripted(calls), up_config(mode="direct"))
+    assert stats.engine_calls == 1 and [len(c) for c in calls] == [3]
+    assert [[s.consumed for s in chains[w.user_id]] for w in works] == [[2], [7], [10]]
+    assert "T9" in calls[0][2][0]["content"]
+
+
 def test_empty_output_keeps_the_previous_state_or_falls_back_to_titles():
     works = [UserWork("a", _items(6)), UserWork("b", _items(2))]
     answers = iter([["first", ""], ["  "]])

@@ -53,9 +53,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -545,9 +547,6 @@ def _run_batches_on_ray(
 
 
 def _cache_dir(cfg: PipelineConfig) -> str | None:
-    import os
-    from pathlib import Path
-
     if "MLLM_MSR_CACHE" in os.environ:
         return os.environ["MLLM_MSR_CACHE"]
     return str(Path(cfg.cache_dir).absolute()) if cfg.cache_dir else None
@@ -584,7 +583,11 @@ def run_user_preferences(cfg: PipelineConfig, run: RunDir) -> dict[str, Any]:
     for name in stale:
         run.remove(TABLE, f"{name}.parquet")
     _write_quarantine(run, plan.quarantine)
-    out = run.read_table(TABLE, columns=["user_id", "consumed", "is_final"])
+    out = (
+        run.read_table(TABLE, columns=["user_id", "consumed", "is_final"])
+        if run.table_files(TABLE)
+        else schema.empty(schema.PREFERENCES)
+    )
     users_out = _check_output(out)
     n_users = sum(len(w) for _, w in plan.batches)
     if users_out != n_users:
