@@ -208,6 +208,7 @@ def run_train(
         "attempts": state["attempts"],
         "resumed_from_steps": state["resumed_from"],
         "step_seconds": state.get("step_seconds"),
+        "startup_seconds": state.get("startup_seconds"),
         "frozen_unchanged": state.get("frozen_unchanged"),
         "rank_state_bytes": state.get("rank_state_bytes"),
         "trainable_params": state.get("trainable_params"),
@@ -347,6 +348,7 @@ def train_loop(config: dict) -> dict | None:
     """Ray Train worker function (one per rank)."""
     import torch
 
+    t_start = time.perf_counter()
     train: TrainConfig = config["train"]
     os.environ.setdefault(
         "TORCH_EXTENSIONS_DIR", str(Path(config["cache_dir"]) / "torch_extensions")
@@ -426,7 +428,9 @@ def train_loop(config: dict) -> dict | None:
         for micro, rows in enumerate(
             _Shard(ray.train.get_dataset_shard("train"), train.micro_batch_size)
         ):
-            if micro < skip or micro >= cap or state["step"] >= total_steps:
+            if state["step"] >= total_steps:
+                break  # every rank reaches the last step together
+            if micro < skip or micro >= cap:
                 continue  # every rank drains its shard in lock step
             batch = {k: v.to(device) for k, v in collator(rows).items()}
             loss = engine(**batch).loss
@@ -444,6 +448,7 @@ def train_loop(config: dict) -> dict | None:
             now = time.perf_counter()
             step_times.append(now - t_step)
             t_step = now
+            state.setdefault("startup_seconds", round(now - t_start - step_times[0], 2))
             if fail and rank == world - 1 and state["step"] == fail["step"]:
                 if not os.path.exists(fail["flag"]):
                     Path(fail["flag"]).parent.mkdir(parents=True, exist_ok=True)
@@ -496,7 +501,9 @@ def _final_stats(engine, state: dict, collator, train: TrainConfig, has_val: boo
     engine.eval()
     losses = []
     with torch.no_grad():
-        for rows in _Shard(ray.train.get_dataset_shard("val"), train.micro_batch_size, drop_last=False):
+        for rows in _Shard(
+            ray.train.get_dataset_shard("val"), train.micro_batch_size, drop_last=False
+        ):
             batch = {k: v.to(engine.device) for k, v in collator(rows).items()}
             losses.append(float(engine(**batch).loss))
     engine.train()
