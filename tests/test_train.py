@@ -271,6 +271,24 @@ def test_truncation_shortens_preference_keeps_image_and_answer(processor):
         RecommenderCollator(processor, max_length=40, image_size=112).encode(_sample(1))
 
 
+@pytest.mark.parametrize(
+    "config", sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")), ids=str
+)
+def test_shipped_configs_give_valid_deepspeed_configs(config):
+    from mllm_msr.engines.deepspeed import build_config
+
+    train = load_config(config).train
+    ds = build_config(train, world_size=train.num_workers)
+    assert ds["train_batch_size"] == (
+        train.micro_batch_size * train.grad_accum_steps * train.num_workers
+    )
+    assert ds["zero_optimization"]["stage"] == train.zero.stage
+    assert ds["bf16"]["enabled"] == (train.precision == "bf16")
+    # without offload a torch AdamW is passed in: no optimizer block, so no fused_adam build
+    offload = train.zero.offload_optimizer or train.zero.offload_params
+    assert ("optimizer" in ds) == offload and ds.get("zero_allow_untested_optimizer") != offload
+
+
 # --------------------------------------------------------------------------- Ray Train (slow)
 
 
