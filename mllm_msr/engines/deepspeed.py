@@ -167,3 +167,9 @@ def rank_state_bytes(engine: Any) -> dict[str, int]:
         if torch.is_tensor(v) and v.dim() > 0
     )
     return {"params": int(params), "grads": int(grads), "optimizer": int(opt_state)}
+
+
+if __name__ == "__main__":  # python -m mllm_msr.engines.deepspeed: build the comm op (CI warm-up)
+    from mllm_msr.tiny import default_cache_dir
+
+    print("deepspeed_shm_comm available:", warm_ops(default_cache_dir()))
