@@ -77,6 +77,17 @@ class TestVisionLanguage:
         assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)
         assert scores[0] != scores[1]
 
+    def test_bad_requests_are_skipped_when_asked(self, engine):
+        good = prompts.item_summary_messages(_images()[0], "Demo item")
+        too_long = prompts.user_text("red blue " * 1000)  # > max_model_len tokens
+        with pytest.raises(Exception, match="maximum context length"):
+            engine.generate([good, too_long], GREEDY)
+        out = engine.generate([good, too_long], GREEDY, on_error="skip")
+        assert out[0].finish_reason in ("stop", "length") and out[0].text
+        assert out[1].finish_reason == "error" and out[1].error and out[1].text == ""
+        scores = engine.score_yes_no([good, too_long, good], on_error="skip")
+        assert 0.0 < scores[0] < 1.0 and scores[1] != scores[1] and scores[2] == scores[0]
+
 
 class TestLlava:
     @pytest.fixture(scope="class")

@@ -43,6 +43,13 @@ log = logging.getLogger(__name__)
 Chat = prompts.Chat
 
 
+def _request_errors() -> tuple[type[BaseException], ...]:
+    """What one bad request raises (too long a prompt, an undecodable image, ...)."""
+    from vllm.exceptions import VLLMClientError
+
+    return (VLLMClientError, ValueError, TypeError, OSError, RuntimeError)
+
+
 @dataclass
 class Generation:
     """One generated answer."""
@@ -52,6 +59,8 @@ class Generation:
     """Prompt length in tokens, image tokens included."""
     output_tokens: int
     finish_reason: str | None = None
+    """``stop``, ``length``, or ``error`` (then ``error`` says why; only with ``on_error="skip"``)."""
+    error: str | None = None
 
 
 def has_gpu() -> bool:
@@ -170,6 +179,7 @@ class VLLMEngine:
         self._llm = LLM(**kwargs)
         self._loras: dict[str, Any] = {}
         self._yes_no: tuple[int, int] | None = None
+        self._warned_dtype = False
 
     # ------------------------------------------------------------------ helpers
 
@@ -237,65 +247,105 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ API
 
+    def _chat(self, requests: Sequence[Chat], params: list, lora_path, on_error: str) -> list[Any]:
+        """Run ``LLM.chat``; with ``on_error="skip"`` a failing batch is retried request by
+        request and the requests that still fail give their exception instead of an output."""
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        lora = self._lora_request(lora_path)
+        errors = _request_errors()
+        try:
+            return self.llm.chat(self._prepare(requests), params, use_tqdm=False, lora_request=lora)
+        except errors as exc:
+            if on_error == "raise":
+                raise
+            if len(requests) == 1:
+                return [exc]
+            log.warning("batch of %d failed (%s); retrying one by one", len(requests), exc)
+        results: list[Any] = []
+        for chat, param in zip(requests, params):
+            try:
+                chats = self._prepare([chat])
+                results.append(self.llm.chat(chats, [param], use_tqdm=False, lora_request=lora)[0])
+            except errors as exc:
+                results.append(exc)
+        return results
+
     def generate(
         self,
         requests: Sequence[Chat],
         sampling: SamplingConfig,
         lora_path: str | os.PathLike | None = None,
+        seeds: Sequence[int] | None = None,
+        on_error: str = "raise",
     ) -> list[Generation]:
-        """Answer each chat. Greedy when ``sampling.temperature == 0``; seeded otherwise
-        (request ``i`` uses seed ``sampling.seed + i``, so results do not depend on batching)."""
+        """Answer each chat (image parts are dropped for text-only families).
+
+        Greedy when ``sampling.temperature == 0``. Otherwise request ``i`` samples with seed
+        ``seeds[i]``, by default ``sampling.seed + i``; pass seeds derived from stable keys (item
+        or user ids) to make sampled outputs independent of how requests are batched.
+        ``on_error="skip"`` turns a request that fails (e.g. a prompt longer than
+        ``max_model_len``, an undecodable image) into a :class:`Generation` with
+        ``finish_reason="error"`` instead of failing the whole batch.
+        """
         from vllm import SamplingParams
 
         if not requests:
             return []
+        if seeds is not None and len(seeds) != len(requests):
+            raise ValueError(f"{len(seeds)} seeds for {len(requests)} requests")
         params = [
             SamplingParams(
                 max_tokens=sampling.max_new_tokens,
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
-                seed=None if sampling.temperature == 0 else sampling.seed + i,
+                seed=None
+                if sampling.temperature == 0
+                else (seeds[i] if seeds is not None else sampling.seed + i),
             )
             for i in range(len(requests))
         ]
-        outputs = self.llm.chat(
-            self._prepare(requests),
-            params,
-            use_tqdm=False,
-            lora_request=self._lora_request(lora_path),
-        )
-        return [
-            Generation(
-                text=o.outputs[0].text,
-                prompt_tokens=len(o.prompt_token_ids or []),
-                output_tokens=len(o.outputs[0].token_ids),
-                finish_reason=o.outputs[0].finish_reason,
-            )
-            for o in outputs
-        ]
+        results = []
+        for o in self._chat(requests, params, lora_path, on_error):
+            if isinstance(o, Exception):
+                results.append(Generation("", 0, 0, "error", f"{type(o).__name__}: {o}"))
+            else:
+                results.append(
+                    Generation(
+                        text=o.outputs[0].text,
+                        prompt_tokens=len(o.prompt_token_ids or []),
+                        output_tokens=len(o.outputs[0].token_ids),
+                        finish_reason=o.outputs[0].finish_reason,
+                    )
+                )
+        return results
 
     def score_yes_no(
-        self, requests: Sequence[Chat], lora_path: str | os.PathLike | None = None
+        self,
+        requests: Sequence[Chat],
+        lora_path: str | os.PathLike | None = None,
+        on_error: str = "raise",
     ) -> list[float]:
-        """``p(Yes) / (p(Yes) + p(No))`` of the first answer token of each chat."""
+        """``p(Yes) / (p(Yes) + p(No))`` of the first answer token of each chat.
+
+        With ``on_error="skip"`` a request that fails scores NaN instead of failing the batch.
+        """
         from vllm import SamplingParams
 
         if not requests:
             return []
-        if self.config.dtype in ("bfloat16", "float16", "half"):
+        if self.config.dtype in ("bfloat16", "float16", "half") and not self._warned_dtype:
+            self._warned_dtype = True
             log.warning(
                 "scoring in %s: scores may collapse into ties; use float32", self.config.dtype
             )
         yes, no = self.answer_token_ids()
         params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[yes, no])
-        outputs = self.llm.chat(
-            self._prepare(requests),
-            params,
-            use_tqdm=False,
-            lora_request=self._lora_request(lora_path),
-        )
         scores = []
-        for o in outputs:
+        for o in self._chat(requests, [params] * len(requests), lora_path, on_error):
+            if isinstance(o, Exception):
+                scores.append(math.nan)
+                continue
             first = o.outputs[0].logprobs[0]
             diff = first[no].logprob - first[yes].logprob
             scores.append(1.0 / (1.0 + math.exp(diff)) if diff < 700 else 0.0)
