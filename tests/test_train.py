@@ -271,6 +271,33 @@ def test_truncation_shortens_preference_keeps_image_and_answer(processor):
         RecommenderCollator(processor, max_length=40, image_size=112).encode(_sample(1))
 
 
+def test_adapter_export_load_and_merge_agree(tmp_path, tiny_vlm, processor):
+    from transformers import AutoModelForImageTextToText
+
+    from mllm_msr.config import LoraConfig
+    from mllm_msr.engines.peft import apply_lora, load_adapter, merge_adapter, save_adapter
+
+    torch.manual_seed(0)
+    tuned = apply_lora(AutoModelForImageTextToText.from_pretrained(tiny_vlm), LoraConfig(r=4))
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # as if trained
+    save_adapter(tuned, tmp_path / "adapter")
+    batch = RecommenderCollator(processor, max_length=512, image_size=112)([_sample(1)])
+    with torch.no_grad():
+        expected = tuned.eval()(**batch).logits
+        loaded = load_adapter(
+            AutoModelForImageTextToText.from_pretrained(tiny_vlm), tmp_path / "adapter"
+        )
+        assert torch.allclose(loaded.eval()(**batch).logits, expected, atol=1e-5)
+        merged_dir = merge_adapter(tiny_vlm, tmp_path / "adapter", tmp_path / "merged")
+        merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
+        assert torch.allclose(merged(**batch).logits, expected, atol=1e-4)
+        base = AutoModelForImageTextToText.from_pretrained(tiny_vlm).eval()
+        assert not torch.allclose(base(**batch).logits, expected, atol=1e-3)
+
+
 @pytest.mark.parametrize(
     "config", sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")), ids=str
 )
