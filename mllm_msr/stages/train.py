@@ -117,7 +117,7 @@ def run_train(
 
     samples, quarantined, stats = load_samples(cfg, run)
     if quarantined.num_rows:
-        run.write_table("quarantine", quarantined, name="train")
+        run.write_table("quarantine/train", quarantined)
     train_rows = samples.filter(pc.equal(samples["split"], "train"))
     val_rows = samples.filter(pc.equal(samples["split"], "val"))
     n_steps = total_steps(train, train_rows.num_rows)
