@@ -4,13 +4,16 @@ No model hub is reachable here, so the demo and the tests run on models built fr
 
 * ``qwen2-vl``: a 2-layer Qwen2-VL (vision tower + language model) with its processor
   (the item summarizer and the recommender of the demo);
-* ``qwen2``: a 2-layer Qwen2 text LLM (the preference summarizer of the demo).
+* ``qwen2``: a 2-layer Qwen2 text LLM (the preference summarizer of the demo);
+* ``llava``: a 2-layer LLaVA (CLIP tower + Llama LM, Mistral-instruct ``[INST]`` template,
+  fixed 112 px input), the paper's model family.
 
 Each has a byte-level BPE tokenizer trained locally on a built-in English corpus, carrying the
 family's special tokens (``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``, and for Qwen2-VL
-``<|vision_start|>``, ``<|image_pad|>``, ...) and the family's chat template. ``Yes`` and ``No``
-are single tokens (the recommender scores the first answer token). Weights are random but seeded:
-building twice gives byte-identical files. Head size 32 is one vLLM's CPU attention supports.
+``<|vision_start|>``, ``<|image_pad|>``, ...; ``<s>``, ``</s>``, ``<image>`` for LLaVA) and the
+family's chat template. ``Yes`` and ``No`` are single tokens (the recommender scores the first
+answer token). Weights are random but seeded: building twice gives byte-identical files. Head
+size 32 is one that vLLM's CPU attention supports.
 
 Models are saved under ``<cache_dir>/tiny/<name>/`` with a stamp file and reused while the stamp
 matches :data:`TINY_VERSION`. A build writes to a temporary folder and renames it into place, so
@@ -33,12 +36,16 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 TINY_VERSION = 2
 """Bump when anything that changes the built files changes (corpus, sizes, template)."""
+
+_BUILD_LOCK = threading.Lock()
+"""Builds seed torch's global RNG: serialize builds of one process (threads, Ray threaded actors)."""
 
 TINY_PREFIX = "tiny:"
 STAMP_FILE = "mllm_msr_tiny.json"
@@ -517,7 +524,8 @@ def build_tiny(name: str, cache_dir: str | os.PathLike | None = None, force: boo
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=final.parent))
     try:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        _BUILDERS[spec.family](spec, tmp)
+        with _BUILD_LOCK:
+            _BUILDERS[spec.family](spec, tmp)
         (tmp / STAMP_FILE).write_text(json.dumps(_stamp(spec), sort_keys=True) + "\n")
         _make_readable(tmp)
         if final.exists() and (force or not _is_current(final, spec)):
@@ -541,21 +549,28 @@ def build_tiny(name: str, cache_dir: str | os.PathLike | None = None, force: boo
 
 
 def resolve_model(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
-    """Map ``tiny:<name>`` to the local path of the built tiny model; return others unchanged.
+    """Map ``tiny:<name>`` to the local path of the built tiny model and ``pkg:<name>`` to the
+    provisioned packaged model (:mod:`mllm_msr.models`); return others unchanged.
 
     Any other string is a local path or a hub id that the user provides (never downloaded
     here: runs are offline).
     """
     if spec.startswith(TINY_PREFIX):
         return str(build_tiny(spec[len(TINY_PREFIX) :], cache_dir))
+    from mllm_msr.models import is_packaged_spec, resolve_packaged
+
+    if is_packaged_spec(spec):  # pkg:<name>: a real model shipped inside a PyPI package
+        return resolve_packaged(spec, cache_dir)
     return spec
 
 
 def tiny_family(spec: str) -> str | None:
-    """The prompt family of a ``tiny:<name>`` spec, or None for other models."""
+    """The prompt family of a ``tiny:<name>`` or ``pkg:<name>`` spec, or None for other models."""
     if spec.startswith(TINY_PREFIX) and spec[len(TINY_PREFIX) :] in TINY_SPECS:
         return TINY_SPECS[spec[len(TINY_PREFIX) :]].family
-    return None
+    from mllm_msr.models import packaged_family
+
+    return packaged_family(spec)
 
 
 # --------------------------------------------------------------------------- CLI

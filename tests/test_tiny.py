@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,23 @@ def test_reuse_from_cache_and_rebuild_when_stale(cache):
     assert rebuilt == path
     assert json.loads((path / STAMP_FILE).read_text()) == stamp
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_concurrent_builders_do_not_clash(cache, tmp_path):
+    code = (
+        "import sys; from mllm_msr.tiny import build_tiny; print(build_tiny('qwen2', sys.argv[1]))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    paths = {p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert paths == {str(tmp_path / "tiny" / "qwen2")}
+    assert _files(tmp_path / "tiny" / "qwen2") == _files(cache / "tiny" / "qwen2")
+    assert [p.name for p in (tmp_path / "tiny").iterdir()] == ["qwen2"]
 
 
 def test_resolve_model_passes_other_specs_through(tmp_path):
