@@ -5,7 +5,8 @@ Ray Train + DeepSpeed + peft with 2 CPU workers on a small learnable task (the p
 is always red and titled "Red ...", the negative blue), combining scenarios to keep the number
 of Ray Train runs small:
 
-* ZeRO-2: a worker dies once at step 5; the run restarts from the step-4 checkpoint and
+* ZeRO-2: a worker process dies (os._exit) once at step 6; the run restarts from the step-4
+  checkpoint and
   finishes; the loss falls, the base weights stay, the adapter moves and loads for scoring.
 * ZeRO-3: train 4 steps, then rerun with ``max_steps=8``: it resumes at step 4 and continues.
 """
@@ -415,7 +416,7 @@ def test_zero2_trains_survives_a_dead_worker_and_exports_adapter(
     cfg = _train_cfg(tmp_path / "run", "train.zero.stage=2", "train.max_steps=8")
     summary = run_train(cfg, run, fail_once_at_step=6)
 
-    # the last rank died once at step 6; the run restarted from the step-4 checkpoint
+    # the last rank's process died at step 6; the run restarted from the step-4 checkpoint
     assert summary["steps"] == 8 and summary["attempts"] == 2
     assert summary["resumed_from_steps"] == [4]
     assert [s for s, _ in summary["losses"]] == list(range(1, 9))

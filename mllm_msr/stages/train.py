@@ -96,8 +96,9 @@ def run_train(
     """Fine-tune the recommender; returns the stage summary (also the stage marker).
 
     ``fresh`` deletes earlier checkpoints of this run first (otherwise training resumes from the
-    latest one). ``fail_once_at_step`` is fault injection for tests: the last rank raises once
-    when it reaches that optimizer step (a flag file in the run directory makes it once).
+    latest one). ``fail_once_at_step`` is fault injection for tests: the last rank's process exits
+    once when it reaches that optimizer step (a flag file in a local run directory makes it
+    once), and ``FailureConfig`` restarts the run from the last checkpoint.
     """
     import ray.data
     import ray.train
@@ -453,7 +454,8 @@ def train_loop(config: dict) -> dict | None:
                 if not os.path.exists(fail["flag"]):
                     Path(fail["flag"]).parent.mkdir(parents=True, exist_ok=True)
                     Path(fail["flag"]).touch()
-                    raise RuntimeError(f"injected worker failure at step {state['step']}")
+                    print(f"[train] rank {rank}: injected worker death at step {state['step']}")
+                    os._exit(1)  # the process dies, as on a lost node or an OOM kill
             last = state["step"] >= total_steps
             if last or state["step"] % train.checkpoint_every == 0:
                 if last:
