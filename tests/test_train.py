@@ -6,9 +6,10 @@ is always red and titled "Red ...", the negative blue), combining scenarios to k
 of Ray Train runs small:
 
 * ZeRO-2: a worker process dies (os._exit) once at step 6; the run restarts from the step-4
-  checkpoint and
-  finishes; the loss falls, the base weights stay, the adapter moves and loads for scoring.
-* ZeRO-3: train 4 steps, then rerun with ``max_steps=8``: it resumes at step 4 and continues.
+  checkpoint and finishes; the loss falls, the base weights stay, the adapter moves and loads
+  for scoring.
+* ZeRO-3 (every parameter partitioned): train 3 steps, then rerun with ``max_steps=6``: it
+  resumes at step 3 and continues the step count and the loss history.
 """
 
 from __future__ import annotations
