@@ -291,6 +291,24 @@ def answer_text(label: int | bool) -> str:
     return YES if label else NO
 
 
+def answer_token_ids(tokenizer: Any) -> tuple[int, int]:
+    """The ids of the first token of ``Yes`` and of ``No``, encoded on their own.
+
+    Training appends ``tokenizer(answer_text(label), add_special_tokens=False)`` after the
+    prompt, so these are the ids a fine-tuned recommender learns to emit first; scoring reads
+    the same two ids (for SentencePiece tokenizers, the word-start forms such as ``▁Yes``).
+    """
+    ids = []
+    for answer in (YES, NO):
+        encoded = tokenizer.encode(answer, add_special_tokens=False)
+        if not encoded:
+            raise ValueError(f"the tokenizer encodes {answer!r} to no tokens")
+        ids.append(int(encoded[0]))
+    if ids[0] == ids[1]:
+        raise ValueError(f"'{YES}' and '{NO}' start with the same token {ids[0]}")
+    return ids[0], ids[1]
+
+
 # --------------------------------------------------------------------------- model families
 
 

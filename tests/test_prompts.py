@@ -121,6 +121,13 @@ def test_recommender_one_template_for_training_and_scoring():
     assert "a summary" in _text(prompts.recommender_messages("p", "t", "a summary", False))
 
 
+def test_answer_token_ids_are_the_training_targets(tokenizer):
+    yes, no = prompts.answer_token_ids(tokenizer)
+    assert yes != no
+    assert tokenizer.encode(prompts.answer_text(1), add_special_tokens=False) == [yes]
+    assert tokenizer.encode(prompts.answer_text(0), add_special_tokens=False) == [no]
+
+
 def test_family_registry():
     cfg = PipelineConfig()
     for fam in (cfg.item_summaries.engine.family, cfg.user_preferences.engine.family):

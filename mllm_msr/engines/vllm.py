@@ -217,32 +217,10 @@ class VLLMEngine:
         return self._loras[key]
 
     def answer_token_ids(self) -> tuple[int, int]:
-        """Token ids of the first token of ``Yes`` and of ``No`` right after the answer prompt.
-
-        Found by rendering a chat with its generation prompt, appending each answer and taking
-        the first token past the common prefix, so tokenizers that merge a leading space or a
-        word-start marker into the answer get the right id.
-        """
+        """Token ids scored as ``Yes`` and ``No``: :func:`mllm_msr.prompts.answer_token_ids`,
+        the same ids the SFT collator appends as targets."""
         if self._yes_no is None:
-            tok = self.tokenizer
-            rendered = tok.apply_chat_template(
-                [{"role": "user", "content": "Answer Yes or No."}],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-            base = tok.encode(rendered, add_special_tokens=False)
-            ids = []
-            for answer in (prompts.YES, prompts.NO):
-                full = tok.encode(rendered + answer, add_special_tokens=False)
-                n = 0
-                while n < min(len(base), len(full)) and base[n] == full[n]:
-                    n += 1
-                if n >= len(full):
-                    raise RuntimeError(f"cannot find the token of answer {answer!r}")
-                ids.append(full[n])
-            if ids[0] == ids[1]:
-                raise RuntimeError(f"'Yes' and 'No' start with the same token {ids[0]}")
-            self._yes_no = (ids[0], ids[1])
+            self._yes_no = prompts.answer_token_ids(self.tokenizer)
         return self._yes_no
 
     # ------------------------------------------------------------------ API
