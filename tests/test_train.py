@@ -24,6 +24,7 @@ from PIL import Image
 
 from mllm_msr.config import PipelineConfig, load_config
 from mllm_msr.data import schema
+from mllm_msr.prompts import answer_token_ids
 from mllm_msr.runtime import RunDir
 from mllm_msr.stages.collate import IGNORE_INDEX, RecommenderCollator
 from mllm_msr.stages.sft import build_sft_samples, titles_history
@@ -209,7 +210,7 @@ def test_collation_fixed_image_size_and_answer_only_labels(processor):
     assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
     assert batch["mm_token_type_ids"].sum().item() == 32
     tok = processor.tokenizer
-    yes, no = (tok.convert_tokens_to_ids(w) for w in ("Yes", "No"))
+    yes, no = answer_token_ids(tok)  # the ids scoring reads
     for row, answer in zip(range(3), (yes, no, yes)):
         supervised = (batch["labels"][row] != IGNORE_INDEX).nonzero().flatten().tolist()
         assert len(supervised) == 1  # only the answer token
