@@ -320,6 +320,7 @@ def test_shipped_configs_give_valid_deepspeed_configs(config):
 
 
 # --------------------------------------------------------------------------- Ray Train (slow)
+# ``ray_local`` (tests/conftest.py): one embedded 2-CPU Ray for the session, never `ray stop`.
 
 
 def test_lora_targets_skip_vision_unless_asked(tiny_vlm):
@@ -341,25 +342,7 @@ def test_lora_targets_skip_vision_unless_asked(tiny_vlm):
 
 
 # --------------------------------------------------------------------------- Ray Train (slow)
-
-
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    """An in-process 2-CPU Ray cluster of our own (never `ray stop`: the host is shared)."""
-    import os
-
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=300_000_000,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-        log_to_driver=False,
-    )
-    yield ray
-    ray.shutdown()
+# ``ray_local`` (tests/conftest.py): one embedded 2-CPU Ray for the session, never `ray stop`.
 
 
 def _train_cfg(run_dir: Path, *overrides: str) -> PipelineConfig:
