@@ -319,8 +319,7 @@ def test_shipped_configs_give_valid_deepspeed_configs(config):
     assert ("optimizer" in ds) == offload and ds.get("zero_allow_untested_optimizer") != offload
 
 
-# --------------------------------------------------------------------------- Ray Train (slow)
-# ``ray_local`` (tests/conftest.py): one embedded 2-CPU Ray for the session, never `ray stop`.
+# --------------------------------------------------------------------------- LoRA
 
 
 def test_lora_targets_skip_vision_unless_asked(tiny_vlm):
