@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -83,6 +84,7 @@ def bench_model(model: str, requests: int, new_tokens: int, cache_dir: str) -> d
     return {
         "model": model,
         "import_s": round(t_import.wall, 2),
+        "load_average_1min": round(os.getloadavg()[0], 1),
         "engine_start_s": round(t_start.wall, 2),
         "engine_start_cpu_s": round(t_start.cpu, 2),
         "requests": requests,
@@ -91,8 +93,10 @@ def bench_model(model: str, requests: int, new_tokens: int, cache_dir: str) -> d
         "generate_s": round(t_gen.wall, 2),
         "generate_req_per_s": round(requests / t_gen.wall, 1),
         "generate_tok_per_s": round(generated / t_gen.wall, 1),
+        "generate_cpu_s": round(t_gen.cpu, 2),
         "score_s": round(t_score.wall, 2),
         "score_req_per_s": round(requests / t_score.wall, 1),
+        "score_cpu_s": round(t_score.cpu, 2),
         "close_s": round(t_close.wall, 2),
     }
 
