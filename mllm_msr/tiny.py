@@ -590,6 +590,9 @@ def main(argv: list[str] | None = None) -> None:
         "--force", action="store_true", help="rebuild even when a current copy exists"
     )
     args = parser.parse_args(argv)
+    # DeepSpeed (imported by transformers) prints its accelerator auto-detection to stdout;
+    # building needs no accelerator, and stdout carries only the paths.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for name in args.names:
         print(build_tiny(name, args.cache_dir, force=args.force))
 
