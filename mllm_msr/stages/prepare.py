@@ -26,6 +26,7 @@ from mllm_msr.data.prepare import (
     build_examples,
     candidates_of,
     kcore,
+    sample_split_users,
     sequences_of,
     user_sequences,
     with_splits,
@@ -115,6 +116,8 @@ def run_prepare(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
     kc = kcore(inter["user_id"], inter["item_id"], pcfg.user_core, pcfg.item_core)
     core = inter.filter(pa.array(kc.mask))
     seqs = with_splits(user_sequences(core), pcfg)
+    split_users = Counter(seqs["split"].to_pylist())
+    seqs = sample_split_users(seqs, pcfg.max_users, pcfg.seed)
     pool = np.array(sorted(pc.unique(core["item_id"]).to_pylist()), dtype=str)
     n_blocks = max(1, min(pcfg.num_blocks, seqs.num_rows))
     bounds = np.linspace(0, seqs.num_rows, n_blocks + 1).astype(int)
@@ -152,6 +155,8 @@ def run_prepare(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
         "interactions": core.num_rows,
         "split": pcfg.split,
         "splits": splits,
+        "max_users": dict(pcfg.max_users),
+        "split_users_before_sampling": dict(split_users),
         "seed": pcfg.seed,
         "seconds": round(time.perf_counter() - t0, 2),
     }

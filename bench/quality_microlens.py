@@ -1,0 +1,242 @@
+"""Recommendation quality on real data: MicroLens-50k with SmolLM2-135M-Instruct, on this CPU.
+
+One command runs (or resumes: finished stages are skipped) three run directories from
+``configs/microlens-50k-smollm2.yaml`` and prints one results table over the same test
+candidates (1 positive : 20 seeded negatives per test user):
+
+* ``<run_dir>``: ingest, prepare (seeded user sample), recurrent preferences (SmolLM2 on vLLM),
+  LoRA fine-tuning (Ray Train + DeepSpeed), evaluation of the fine-tuned and zero-shot SmolLM2,
+  popularity and SASRec trained on the *sampled* training users;
+* ``<run_dir>-direct`` (unless ``--no-direct``): the paper's no-recurrence ablation (whole history in
+  one prompt), fine-tuned and scored the same way; ingest/prepare outputs are copied over;
+* ``<run_dir>-alltrain``: popularity and SASRec trained on *all* training users of the split
+  (the same test users and candidates: the sample of a split does not depend on the others).
+
+Metrics x100 (AUC over all rows; HR/MRR/NDCG@k over each user's 21 candidates, ties counted
+against the positive) with 95% bootstrap intervals over test users, the wall time of every stage,
+and the paper's published MicroLens numbers for reference. Writes ``--out`` (JSON) and ``--md``.
+
+    make bench-install && .venv/bin/python -m mllm_msr.models smollm2
+    .venv/bin/python bench/quality_microlens.py [--no-direct] [override ...]
+
+Overrides apply to all three runs (e.g. ``prepare.max_users.test=60``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mllm_msr.config import PipelineConfig, load_config  # noqa: E402
+from mllm_msr.metrics import bootstrap_ci, evaluate_scores  # noqa: E402
+from mllm_msr.report import format_metrics_table  # noqa: E402
+from mllm_msr.runtime import RunDir  # noqa: E402
+
+CONFIG = ROOT / "configs" / "microlens-50k-smollm2.yaml"
+KS = (1, 3, 5, 10)
+CI_METRICS = ("auc", "hr@5", "mrr@5", "ndcg@5")
+
+PAPER = {
+    "MLLM-MSR (paper, LLaVA-v1.6-Mistral-7B, full test set)": {
+        "auc": 0.8317,
+        "hr@5": 0.7823,
+        "mrr@5": 0.6038,
+    },
+    "TALLRec (paper's best baseline)": {"auc": 0.8125, "hr@5": 0.7123, "mrr@5": 0.5822},
+}
+"""Published MicroLens numbers (Ye et al., AAAI 2025; DESIGN.md section 1.5), for reference."""
+
+#: (run suffix, method in that run's scores/, row label in the table)
+ROWS = [
+    ("-alltrain", "popularity", "popularity (all train users)"),
+    ("-alltrain", "sasrec", "SASRec (all train users)"),
+    ("", "popularity", "popularity (sampled train users)"),
+    ("", "sasrec", "SASRec (sampled train users)"),
+    ("", "zero_shot", "SmolLM2 zero-shot (recurrent pref.)"),
+    ("", "fine_tuned", "SmolLM2 LoRA, recurrent preferences"),
+    ("-direct", "fine_tuned", "SmolLM2 LoRA, direct preferences (ablation)"),
+]
+
+
+def variant_configs(base: PipelineConfig, overrides: list[str], direct: bool) -> dict:
+    """The three run configs: main, direct ablation, all-train baselines."""
+    run_dir = base.run_dir
+    out = {"": base}
+    if direct:
+        out["-direct"] = load_config(
+            CONFIG,
+            [
+                *overrides,
+                f"run_dir={run_dir}-direct",
+                "user_preferences.mode=direct",
+                "evaluate.baselines=[]",
+            ],
+        )
+    test = base.prepare.max_users.get("test")
+    out["-alltrain"] = load_config(
+        CONFIG,
+        [
+            *overrides,
+            f"run_dir={run_dir}-alltrain",
+            "stages=[ingest,prepare,evaluate]",
+            "prepare.max_users={}" if test is None else f"prepare.max_users={{test: {test}}}",
+            "evaluate.baselines=[popularity,sasrec]",
+        ],
+    )
+    return out
+
+
+def seed_from(src: RunDir, dst: RunDir, stages: list[str]) -> None:
+    """Copy finished stages' outputs and markers of a local run into another (saves re-running)."""
+    if "://" in src.uri or "://" in dst.uri:
+        return
+    for stage in stages:
+        if dst.stage_done(stage) or not src.stage_done(stage):
+            continue
+        tables = {"ingest": ["items", "interactions"], "prepare": ["sequences", "candidates"]}
+        for table in tables.get(stage, []):
+            if src.exists(table):
+                dst.remove(table)
+                shutil.copytree(src.path(table), dst.path(table))
+        dst.mark_done(stage, {**src.stage_summary(stage), "copied_from": src.uri})
+
+
+def run_all(configs: dict, log=print) -> dict[str, dict]:
+    from mllm_msr.pipeline import run_pipeline
+    from mllm_msr.runtime import init_ray, use_cache_dir
+
+    main = configs[""]
+    use_cache_dir(main.cache_dir)
+    init_ray(main.ray.address, main.ray.num_cpus, main.ray.object_store_memory)
+    summaries = {}
+    for suffix, cfg in configs.items():
+        run = RunDir(cfg.run_dir)
+        if suffix == "-direct":
+            seed_from(RunDir(main.run_dir), run, ["ingest", "prepare"])
+        elif suffix == "-alltrain":
+            seed_from(RunDir(main.run_dir), run, ["ingest"])
+        log(f"\n=== {cfg.run_dir} ===")
+        t0 = time.perf_counter()
+        summaries[suffix] = run_pipeline(cfg, log=log)
+        log(f"=== {cfg.run_dir}: {time.perf_counter() - t0:.0f} s")
+    return summaries
+
+
+def collect(configs: dict, n_boot: int, seed: int) -> dict:
+    """Metrics, bootstrap intervals and stage times of every method of every run."""
+    results, ci, rows_of = {}, {}, {}
+    for suffix, method, label in ROWS:
+        if suffix not in configs:
+            continue
+        run = RunDir(configs[suffix].run_dir)
+        path = run.path("scores", f"{method}.parquet")
+        if not run.exists("scores", f"{method}.parquet"):
+            continue
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, filesystem=run.fs)
+        results[label] = evaluate_scores(table, ks=KS)
+        boot = bootstrap_ci(table, ks=KS, n_boot=n_boot, seed=seed)
+        ci[label] = {m: boot[m] for m in CI_METRICS}
+        rows_of[label] = sorted(zip(table["user_id"].to_pylist(), table["item_id"].to_pylist()))
+    same = len({tuple(r) for r in rows_of.values()}) <= 1
+    stages = {}
+    for cfg in configs.values():
+        run = RunDir(cfg.run_dir)
+        stages[cfg.run_dir] = {s: (run.stage_summary(s) or {}).get("seconds") for s in cfg.stages}
+    return {"methods": results, "ci": ci, "same_test_rows": same, "stage_seconds": stages}
+
+
+def sizes(configs: dict) -> dict:
+    """Users and samples per split of the main run, and the training steps."""
+    run = RunDir(configs[""].run_dir)
+    prep = run.stage_summary("prepare") or {}
+    train = run.stage_summary("train") or {}
+    prefs = run.stage_summary("user_preferences") or {}
+    return {
+        "after_kcore": {"users": prep.get("users"), "items": prep.get("items")},
+        "split_users_before_sampling": prep.get("split_users_before_sampling"),
+        "splits": prep.get("splits"),
+        "preference_users": prefs.get("users"),
+        "train_steps": train.get("steps"),
+        "train_loss": [train.get("first_loss"), train.get("final_loss")],
+        "val_loss": train.get("val_loss"),
+        "train_step_seconds": train.get("step_seconds"),
+    }
+
+
+def render(report: dict) -> str:
+    lines = [
+        "# Recommendation quality on MicroLens-50k with SmolLM2-135M-Instruct (CPU)",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Finished: {report['finished']} ({report['wall_seconds']:.0f} s wall, 2-core CPU)",
+        "",
+        "Test split, 1 positive : 20 seeded negatives per user; metrics x100.",
+        "",
+        format_metrics_table(report["methods"], ks=KS),
+        "",
+        "95% bootstrap intervals over test users "
+        f"({report['n_boot']} replicates; same test rows for every method: "
+        f"{report['same_test_rows']}):",
+        "",
+        format_metrics_table(report["methods"], metrics=list(CI_METRICS), ci=report["ci"]),
+        "",
+        "Published (paper, MicroLens, full test set; not comparable in model or data size):",
+        "",
+        format_metrics_table(PAPER, metrics=["auc", "hr@5", "mrr@5"]),
+        "",
+        "Sizes: `" + json.dumps(report["sizes"]) + "`",
+        "",
+        "Stage wall times (s):",
+        "",
+    ]
+    for run_dir, stages in report["stage_seconds"].items():
+        cells = ", ".join(f"{s} {v if v is not None else '-'}" for s, v in stages.items())
+        lines.append(f"- `{run_dir}`: {cells}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--no-direct", action="store_true", help="skip the direct-preference ablation")
+    p.add_argument("--report-only", action="store_true", help="only collect finished runs")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality_microlens.json"))
+    p.add_argument("--md", default=str(ROOT / "bench" / "results" / "quality_microlens.md"))
+    p.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
+    args = p.parse_args(argv)
+
+    t0 = time.perf_counter()
+    base = load_config(CONFIG, args.overrides)
+    configs = variant_configs(base, args.overrides, direct=not args.no_direct)
+    if not args.report_only:
+        from mllm_msr.tiny import resolve_model
+
+        resolve_model(base.train.model, Path(base.cache_dir).absolute())  # clear error if absent
+        run_all(configs)
+    report = {
+        "command": " ".join(["python bench/quality_microlens.py", *(argv or sys.argv[1:])]),
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "wall_seconds": time.perf_counter() - t0,
+        "n_boot": args.n_boot,
+        "sizes": sizes(configs),
+        **collect(configs, args.n_boot, base.seed),
+    }
+    text = render(report)
+    print("\n" + text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    Path(args.md).write_text(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()
