@@ -84,12 +84,14 @@ def build_sft_samples(
     preferences: pa.Table | None = None,
     splits: tuple[str, ...] = ("train", "val"),
     missing_preference: Literal["titles", "quarantine"] = "titles",
+    stage: str = "train",
 ) -> tuple[pa.Table, pa.Table, dict]:
     """Build the SFT table (:data:`SFT_SAMPLES`) for ``splits``.
 
     Returns ``(samples, quarantine, stats)``; ``stats`` counts samples per split, positives,
     users that fell back to titles, candidates without an image and quarantined rows.
-    Rows are ordered by split, user, then candidate (stable, deterministic).
+    Rows are ordered by split, user, then candidate (stable, deterministic). ``stage`` names
+    the caller in quarantine rows (the evaluate stage builds its test samples here too).
     """
     schema.check_columns(candidates, schema.CANDIDATES, "candidates")
     schema.check_columns(sequences, schema.SEQUENCES, "sequences")
@@ -121,7 +123,7 @@ def build_sft_samples(
     def reject(user: str, item: str, reason: str, detail: str) -> None:
         for k, v in zip(
             ("stage", "source", "key", "reason", "detail"),
-            ("train", "candidates", f"{user}|{item}", reason, detail),
+            (stage, "candidates", f"{user}|{item}", reason, detail),
         ):
             quarantine[k].append(v)
 
