@@ -1,9 +1,9 @@
 """Summarize every item of a run's ``items/`` table with a multimodal LLM (MLLM-MSR stage 1).
 
 Reads ``<run_dir>/items/``, writes ``<run_dir>/item_summaries/`` and
-``<run_dir>/quarantine/item_summaries/``. Resumable: a rerun skips finished items, and does
-nothing once the stage is complete (``--force`` redoes the stage marker check; items whose
-summary is current are still skipped).
+``<run_dir>/quarantine/item_summaries/``. Resumable: a rerun after a crash only summarizes the
+items left; once the stage is complete a rerun does nothing (``--force`` ignores the completion
+marker, yet items whose summary is current for their image, model and prompt are still kept).
 
 Embedded local Ray (no address)::
 
@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mllm_msr.config import PipelineConfig, load_config  # noqa: E402
-from mllm_msr.runtime import RunDir, init_ray  # noqa: E402
+from mllm_msr.runtime import RunDir  # noqa: E402
 from mllm_msr.stages.item_summaries import STAGE, run_item_summaries  # noqa: E402
 
 
@@ -36,8 +36,7 @@ def main(cfg: PipelineConfig, force: bool = False) -> dict:
     run = RunDir(cfg.run_dir)
     if force:
         run.clear_stage(STAGE)
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
-    summary = run_item_summaries(cfg, run)
+    summary = run_item_summaries(cfg, run)  # starts or joins Ray only when there is work
     print(json.dumps(summary, indent=2, sort_keys=True))
     return summary
 
