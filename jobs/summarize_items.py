@@ -53,7 +53,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    args = make_parser().parse_args()
+    args = make_parser().parse_intermixed_args()
     overrides = list(args.overrides)
     if args.address:
         overrides.append(f"ray.address={args.address}")
