@@ -1,8 +1,8 @@
 """The vLLM adapter on the real engine with the tiny offline models (CPU).
 
 One engine per class (started once, closed at the end of the class): the tiny Qwen2-VL and the
-tiny LLaVA for images, the tiny Qwen2 (with LoRA enabled) for text generation and Yes/No scoring, checked
-against a transformers forward pass.
+tiny LLaVA for images, the tiny Qwen2 for text. Yes/No scores, with and without a LoRA adapter,
+are checked against a transformers + peft forward pass.
 """
 
 from __future__ import annotations
@@ -32,13 +32,43 @@ def _images() -> list[Image.Image]:
     return [red, stripes]
 
 
+def _random_lora(model_cls, path, out):
+    """A random (non-zero) LoRA adapter on q/v projections, saved for vLLM; and the model."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = model_cls.from_pretrained(path, dtype=torch.float32)
+    lora = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    model = get_peft_model(base, lora).eval()
+    model.save_pretrained(out)
+    return model, out
+
+
+def _check_scores(model, batch, yes, no, got_base, got_tuned):
+    """The engine's scores equal a transformers forward pass, with and without the adapter."""
+    with torch.no_grad():
+        tuned = model(**batch).logits[0, -1]
+        with model.disable_adapter():
+            base = model(**batch).logits[0, -1]
+    assert got_base == pytest.approx(torch.sigmoid(base[yes] - base[no]).item(), abs=1e-4)
+    assert got_tuned == pytest.approx(torch.sigmoid(tuned[yes] - tuned[no]).item(), abs=1e-4)
+    assert got_base != got_tuned
+
+
 class TestVisionLanguage:
     @pytest.fixture(scope="class")
     def engine(self, cache_dir):
         from mllm_msr.engines.vllm import VLLMEngine
 
         cfg = EngineConfig(
-            model="tiny:qwen2-vl", family="qwen2_vl", dtype="float32", max_model_len=1024
+            model="tiny:qwen2-vl",
+            family="qwen2_vl",
+            dtype="float32",
+            max_model_len=1024,
+            enable_lora=True,
+            max_lora_rank=8,
         )
         engine = VLLMEngine(cfg, cache_dir=cache_dir)
         yield engine
@@ -88,6 +118,21 @@ class TestVisionLanguage:
         scores = engine.score_yes_no([good, too_long, good], on_error="skip")
         assert 0.0 < scores[0] < 1.0 and scores[1] != scores[1] and scores[2] == scores[0]
 
+    def test_lora_scores_with_images_match_transformers(self, engine, tmp_path):
+        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+        model, adapter = _random_lora(Qwen2VLForConditionalGeneration, engine.model_path, tmp_path)
+        processor = AutoProcessor.from_pretrained(engine.model_path)
+        images = _images()
+        chats = [prompts.recommender_messages("likes red", "Red ball", image=i) for i in images]
+        base = engine.score_yes_no(chats)
+        tuned = engine.score_yes_no(chats, lora_path=adapter)
+        yes, no = engine.answer_token_ids()
+        for chat, image, got_base, got_tuned in zip(chats, images, base, tuned):
+            text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            batch = processor(text=[text], images=[image], return_tensors="pt")
+            _check_scores(model, batch, yes, no, got_base, got_tuned)
+
 
 class TestLlava:
     @pytest.fixture(scope="class")
@@ -126,22 +171,6 @@ class TestTextLLM:
         yield engine
         engine.close()
 
-    @pytest.fixture(scope="class")
-    def peft_model(self, engine, tmp_path_factory):
-        """A random (non-zero) LoRA adapter on the tiny Qwen2, saved for vLLM."""
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
-
-        torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=torch.float32)
-        lora = LoraConfig(
-            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-        )
-        model = get_peft_model(base, lora).eval()
-        path = tmp_path_factory.mktemp("adapter")
-        model.save_pretrained(path)
-        return model, path
-
     def test_text_llm_generates(self, engine):
         history = [{"title": "Red circle", "summary": "a red circle"}, {"title": "Blue square"}]
         chats = [
@@ -152,9 +181,10 @@ class TestTextLLM:
         assert all(o.text and o.output_tokens == GREEDY.max_new_tokens for o in out)
         assert out[1].prompt_tokens > out[0].prompt_tokens
 
-    def test_yes_no_scores_match_transformers(self, engine, peft_model):
-        model, adapter = peft_model
-        tok = engine.tokenizer
+    def test_yes_no_scores_match_transformers(self, engine, tmp_path):
+        from transformers import AutoModelForCausalLM
+
+        model, adapter = _random_lora(AutoModelForCausalLM, engine.model_path, tmp_path)
         chats = [
             prompts.recommender_messages("likes red things", title, with_image=False)
             for title in ("Red ball", "Blue kite", "Green hat")
@@ -162,17 +192,10 @@ class TestTextLLM:
         base = engine.score_yes_no(chats)
         tuned = engine.score_yes_no(chats, lora_path=adapter)
         assert all(0.0 < s < 1.0 for s in base + tuned)
-        assert base != tuned
         assert engine.score_yes_no(chats[1:2]) == pytest.approx(base[1:2], abs=1e-6)
-
         yes, no = engine.answer_token_ids()
-        for i, chat in enumerate(chats):
+        tok = engine.tokenizer
+        for chat, got_base, got_tuned in zip(chats, base, tuned):
             text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
             ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
-            with torch.no_grad():
-                logits_tuned = model(input_ids=ids).logits[0, -1]
-                with model.disable_adapter():
-                    logits_base = model(input_ids=ids).logits[0, -1]
-            for logits, got in ((logits_base, base[i]), (logits_tuned, tuned[i])):
-                expected = torch.sigmoid(logits[yes] - logits[no]).item()
-                assert got == pytest.approx(expected, abs=1e-4)
+            _check_scores(model, {"input_ids": ids}, yes, no, got_base, got_tuned)
