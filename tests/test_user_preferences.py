@@ -90,7 +90,7 @@ def write_run(root: Path, tables: dict[str, pa.Table]) -> RunDir:
 def scripted(calls: list[list[prompts.Chat]]):
     """A deterministic stand-in for the engine (fast tests only): answer = hash of the prompt."""
 
-    def generate(chats):
+    def generate(chats, keys):
         calls.append(chats)
         return ["pref-" + hashlib.sha256(c[0]["content"].encode()).hexdigest()[:12] for c in chats]
 
@@ -204,12 +204,15 @@ def test_direct_mode_summarizes_the_whole_history_in_one_prompt():
 def test_empty_output_keeps_the_previous_state_or_falls_back_to_titles():
     works = [UserWork("a", _items(6)), UserWork("b", _items(2))]
     answers = iter([["first", ""], ["  "]])
-    chains, stats = stage.wavefront(works, lambda chats: next(answers), up_config(block_size=3))
+    chains, stats = stage.wavefront(works, lambda c, k: next(answers), up_config(block_size=3))
     assert [s.text for s in chains["a"]] == ["first", "first"]
-    assert (
-        chains["b"][0].text.startswith(prompts.PREFERENCE_PREFIX) and "'T1'" in chains["b"][0].text
-    )
-    assert stats.empty_outputs == 2
+    assert chains["b"][0].text.startswith(prompts.PREFERENCE_PREFIX)
+    assert "'T1'" in chains["b"][0].text
+    assert stats.empty_outputs == 2 and stats.engine_errors == 0
+    failed = iter([["first", None], [None]])
+    chains, stats = stage.wavefront(works, lambda c, k: next(failed), up_config(block_size=3))
+    assert [s.text for s in chains["a"]] == ["first", "first"]
+    assert stats.engine_errors == 2
 
 
 def test_reusable_states_follow_the_block_chain_rule():
@@ -284,6 +287,13 @@ def test_plan_quarantines_and_counts_explicitly():
     )
     assert all(i.summary == "" for _, ws in titles_only.batches for w in ws for i in w.items)
     assert titles_only.counts["items_without_summary"] == 0
+
+
+def test_stable_seeds_do_not_depend_on_batching():
+    assert stage.stable_seed(0, "u1@3") == stage.stable_seed(0, "u1@3")
+    assert stage.stable_seed(0, "u1@3") != stage.stable_seed(0, "u1@6")
+    assert stage.stable_seed(0, "u1@3") != stage.stable_seed(1, "u1@3")
+    assert 0 <= stage.stable_seed(5, "x") < 2**31
 
 
 def test_part_names_are_deterministic_and_follow_the_inputs():

@@ -33,7 +33,9 @@ Rules, each counted in the stage summary:
   every item is shown by title only and ``item_summaries/`` is not read.
 * **Empty model outputs** keep the previous state's text (greedy decoding would repeat the
   same empty answer, so retrying is pointless); an empty first block gets a fallback text
-  listing the block's titles. Counted as ``empty_outputs``.
+  listing the block's titles. Counted as ``empty_outputs``. Requests the engine fails on (a
+  prompt longer than ``max_model_len``) are handled the same way and counted as
+  ``engine_errors``.
 
 Resumability and incremental refresh. Every state carries ``inputs_hash``: a hash of everything
 its text depends on (model, prompt version, mode, block size, sampling, and the rendered items
@@ -58,7 +60,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pyarrow as pa
 
@@ -73,8 +75,10 @@ STAGE = "user_preferences"
 TABLE = "preferences"
 PART_PREFIX = "part-"
 
-#: ``generate(chats) -> texts``: one engine call answering every chat, in order.
-GenerateFn = Callable[[list[prompts.Chat]], list[str]]
+#: ``generate(chats, keys) -> texts``: one engine call answering every chat, in order. ``keys``
+#: (``"<user_id>@<consumed>"``) name the requests stably (seeds of sampled decoding); a text is
+#: None when the engine failed on that request (e.g. a prompt longer than ``max_model_len``).
+GenerateFn = Callable[[list[prompts.Chat], list[str]], list[Optional[str]]]
 
 
 # --------------------------------------------------------------------------- data
@@ -133,6 +137,9 @@ class UserWork:
         )
 
 
+_STAT_FIELDS = ("users", "blocks", "engine_calls", "empty_outputs", "engine_errors", "seconds")
+
+
 @dataclass
 class WavefrontStats:
     """What one wavefront run did."""
@@ -142,10 +149,11 @@ class WavefrontStats:
     """Blocks summarized by the engine (reused states excluded)."""
     engine_calls: int = 0
     empty_outputs: int = 0
+    engine_errors: int = 0
     seconds: float = 0.0
 
     def add(self, other: WavefrontStats) -> None:
-        for name in ("users", "blocks", "engine_calls", "empty_outputs", "seconds"):
+        for name in _STAT_FIELDS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -273,7 +281,7 @@ def wavefront(
         active = [u for u in by_id if round_no < len(pending.get(u, []))]
         if not active:
             break
-        chats, spans = [], []
+        chats, spans, keys = [], [], []
         for u in active:
             start, end = pending[u][round_no]
             chain = chains[u]
@@ -282,14 +290,17 @@ def wavefront(
             if trace is not None:
                 trace.setdefault(u, []).append(chats[-1])
             spans.append((start, end))
-        texts = generate(chats)
+            keys.append(f"{u}@{end}")
+        texts = generate(chats, keys)
         if len(texts) != len(chats):
             raise RuntimeError(f"engine returned {len(texts)} answers for {len(chats)} prompts")
         stats.engine_calls += 1
         stats.blocks += len(chats)
         for u, (start, end), text in zip(active, spans, texts):
-            text = (text or "").strip()
             chain = chains[u]
+            if text is None:
+                stats.engine_errors += 1
+            text = (text or "").strip()
             if not text:
                 stats.empty_outputs += 1
                 text = chain[-1].text if chain else fallback_text(by_id[u].items[start:end])
@@ -465,10 +476,19 @@ def part_name(works: Sequence[UserWork], settings: str) -> str:
 def engine_generate(engine: Any, up: UserPreferencesConfig) -> GenerateFn:
     """Wrap a :class:`~mllm_msr.engines.vllm.VLLMEngine` as a :data:`GenerateFn`."""
 
-    def generate(chats: list[prompts.Chat]) -> list[str]:
-        return [g.text for g in engine.generate(chats, up.sampling)]
+    sampled = up.sampling.temperature > 0
+
+    def generate(chats: list[prompts.Chat], keys: list[str]) -> list[Optional[str]]:
+        seeds = [stable_seed(up.sampling.seed, k) for k in keys] if sampled else None
+        out = engine.generate(chats, up.sampling, seeds=seeds, on_error="skip")
+        return [None if g.finish_reason == "error" else g.text for g in out]
 
     return generate
+
+
+def stable_seed(seed: int, key: str) -> int:
+    """A sampling seed for request ``key`` that does not depend on batching."""
+    return int.from_bytes(hashlib.sha256(f"{seed}|{key}".encode()).digest()[:4], "little") >> 1
 
 
 def process_batch(
@@ -506,9 +526,6 @@ class PreferenceWorker:
             for name in _STAT_FIELDS:
                 out[name].append(getattr(stats, name))
         return out
-
-
-_STAT_FIELDS = ("users", "blocks", "engine_calls", "empty_outputs", "seconds")
 
 
 def _run_batches_on_ray(
@@ -606,6 +623,7 @@ def run_user_preferences(cfg: PipelineConfig, run: RunDir) -> dict[str, Any]:
         "blocks": stats.blocks,
         "engine_calls": stats.engine_calls,
         "empty_outputs": stats.empty_outputs,
+        "engine_errors": stats.engine_errors,
         "mode": up.mode,
         "block_size": up.block_size,
         "users_per_batch": up.pool.batch_size,
@@ -619,7 +637,7 @@ def run_user_preferences(cfg: PipelineConfig, run: RunDir) -> dict[str, Any]:
     return summary
 
 
-def _no_engine(chats: list[prompts.Chat]) -> list[str]:
+def _no_engine(chats: list[prompts.Chat], keys: list[str]) -> list[Optional[str]]:
     raise RuntimeError("a copy-only batch asked the engine for an answer")
 
 
