@@ -321,7 +321,13 @@ def slow_cfg(run_dir: Path, *overrides: str) -> PipelineConfig:
             "run_dir": str(run_dir),
             "cache_dir": CACHE,
             "user_preferences": {
-                "engine": {"model": "tiny:qwen2", "family": "qwen2", "max_num_seqs": 64},
+                # float32: greedy outputs that do not depend on batching (bf16 may flip ties)
+                "engine": {
+                    "model": "tiny:qwen2",
+                    "family": "qwen2",
+                    "dtype": "float32",
+                    "max_num_seqs": 64,
+                },
                 "sampling": {"max_new_tokens": 16, "temperature": 0.0},
                 "pool": {"concurrency": 1, "batch_size": 16},
                 "block_size": 3,

