@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from mllm_msr import prompts
 from mllm_msr.config import EvaluateConfig, TrainConfig
 
 
@@ -88,10 +89,8 @@ class YesNoScorer:
         self.collator = RecommenderCollator(
             processor, train.max_length, train.image_size, with_image=train.multimodal
         )
-        yes, no = self.collator.answer_ids(1), self.collator.answer_ids(0)
-        self.yes_id, self.no_id = yes[0], no[0]
-        if self.yes_id == self.no_id:
-            raise ValueError("the answers 'Yes' and 'No' start with the same token")
+        # The ids training supervises (raises when Yes and No share a first token).
+        self.yes_id, self.no_id = prompts.answer_token_ids(self.collator.tokenizer)
         self.micro_batch = micro_batch
         self.share_prefix = share_prefix
 
@@ -138,7 +137,9 @@ class YesNoScorer:
             cache = None
             if shared > 0:
                 prefix = ref[:shared].unsqueeze(0).to(self.device)
-                cache = self.model(input_ids=prefix, use_cache=True).past_key_values
+                cache = self.model(
+                    input_ids=prefix, use_cache=True, logits_to_keep=1
+                ).past_key_values
             for start in range(0, len(rows), self.micro_batch):
                 tails = [p[shared:] for p in prompts[start : start + self.micro_batch]]
                 n, longest = len(tails), max(len(t) for t in tails)
