@@ -382,3 +382,29 @@ def test_stage_survives_a_killed_actor(tmp_path, ray_local, monkeypatch):
     assert summary["rows_out"] == items.num_rows and summary["quarantined"] == 0
     ids = stage.read_item_summaries(run).column("item_id").to_pylist()
     assert sorted(ids) == sorted(items.column("item_id").to_pylist())  # each exactly once
+
+
+def test_job_runs_the_title_ablation_and_reruns_as_a_no_op(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "summarize_items_job", REPO / "jobs" / "summarize_items.py"
+    )
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    run = RunDir(str(tmp_path / "run"))
+    write_items(run, make_items(10, injection=False))
+    args = job.make_parser().parse_intermixed_args(
+        [
+            "--config",
+            str(REPO / "configs" / "demo-cpu.yaml"),
+            f"run_dir={tmp_path / 'run'}",
+            "--force",
+            "item_summaries.enabled=false",
+        ]
+    )
+    cfg = load_config(args.config, args.overrides)
+    first = job.main(cfg, force=args.force)
+    assert first["rows_out"] == 10 and first["model"] == stage.TITLE_MODEL
+    assert job.main(cfg).get("already_complete") is True
+    assert '"rows_out": 10' in capsys.readouterr().out
