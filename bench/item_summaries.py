@@ -36,6 +36,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -290,6 +291,7 @@ def main(args: argparse.Namespace) -> dict:
             print(json.dumps({"stage": result}), flush=True)
     finally:
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
     one = next((r for r in report["stage"] if r["actors"] == 1), None)
     two = next((r for r in report["stage"] if r["actors"] == 2), None)
     ratios = {}
