@@ -87,10 +87,11 @@ def run_evaluate(cfg: PipelineConfig, run: RunDir) -> dict:
             _read_optional(run, "item_summaries", ["item_id", "summary"]),
             _read_optional(run, "preferences"),
             splits=(ev.split,),
+            stage="evaluate",
         )
         quarantined = quarantine.num_rows
         if quarantine.num_rows:
-            run.write_table("quarantine", quarantine, name="evaluate")
+            run.write_table("quarantine/evaluate", quarantine)
         for name, adapter in model_methods:
             scores, timing = score_samples(samples, cfg.train.model, adapter, cfg.train, ev, name)
             methods[name] = scores
