@@ -65,10 +65,24 @@ ROWS = [
 ]
 
 
-def variant_configs(base: PipelineConfig, overrides: list[str], direct: bool) -> dict:
-    """The three run configs: main, direct ablation, all-train baselines."""
+def variant_configs(
+    base: PipelineConfig, overrides: list[str], direct: bool, alltrain: bool = True
+) -> dict:
+    """The run configs, in running order: main, all-train baselines, direct ablation."""
     run_dir = base.run_dir
     out = {"": base}
+    test = base.prepare.max_users.get("test")
+    if alltrain:
+        out["-alltrain"] = load_config(
+            CONFIG,
+            [
+                *overrides,
+                f"run_dir={run_dir}-alltrain",
+                "stages=[ingest,prepare,evaluate]",
+                "prepare.max_users={}" if test is None else f"prepare.max_users={{test: {test}}}",
+                "evaluate.baselines=[popularity,sasrec]",
+            ],
+        )
     if direct:
         out["-direct"] = load_config(
             CONFIG,
@@ -79,17 +93,6 @@ def variant_configs(base: PipelineConfig, overrides: list[str], direct: bool) ->
                 "evaluate.baselines=[]",
             ],
         )
-    test = base.prepare.max_users.get("test")
-    out["-alltrain"] = load_config(
-        CONFIG,
-        [
-            *overrides,
-            f"run_dir={run_dir}-alltrain",
-            "stages=[ingest,prepare,evaluate]",
-            "prepare.max_users={}" if test is None else f"prepare.max_users={{test: {test}}}",
-            "evaluate.baselines=[popularity,sasrec]",
-        ],
-    )
     return out
 
 
@@ -150,7 +153,10 @@ def collect(configs: dict, n_boot: int, seed: int) -> dict:
     stages = {}
     for cfg in configs.values():
         run = RunDir(cfg.run_dir)
-        stages[cfg.run_dir] = {s: (run.stage_summary(s) or {}).get("seconds") for s in cfg.stages}
+        stages[cfg.run_dir] = {}
+        for stage in cfg.stages:
+            done = run.stage_summary(stage) or {}
+            stages[cfg.run_dir][stage] = "copied" if "copied_from" in done else done.get("seconds")
     return {"methods": results, "ci": ci, "same_test_rows": same, "stage_seconds": stages}
 
 
@@ -207,6 +213,9 @@ def render(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--no-direct", action="store_true", help="skip the direct-preference ablation")
+    p.add_argument(
+        "--no-alltrain", action="store_true", help="skip the baselines trained on all train users"
+    )
     p.add_argument("--report-only", action="store_true", help="only collect finished runs")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality_microlens.json"))
@@ -216,7 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     base = load_config(CONFIG, args.overrides)
-    configs = variant_configs(base, args.overrides, direct=not args.no_direct)
+    configs = variant_configs(
+        base, args.overrides, direct=not args.no_direct, alltrain=not args.no_alltrain
+    )
     if not args.report_only:
         from mllm_msr.tiny import resolve_model
 
