@@ -172,7 +172,10 @@ def init_ray(
     else:
         for k, v in env_vars.items():
             os.environ.setdefault(k, v)
+        # address="local": always a new embedded instance, never a cluster that happens to be
+        # running on this host (a bare ray.init() would join it).
         ray.init(
+            address="local",
             num_cpus=num_cpus,
             object_store_memory=object_store_memory,
             runtime_env=renv,

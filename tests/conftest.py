@@ -30,6 +30,7 @@ def ray_local():
         os.environ.setdefault(key, value)
     temp = tempfile.mkdtemp(prefix="mmsr-ray-")  # short: Ray's socket paths have a length cap
     ray.init(
+        address="local",  # never join another cluster running on this host
         num_cpus=2,
         object_store_memory=500_000_000,
         include_dashboard=False,
