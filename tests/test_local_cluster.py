@@ -1,12 +1,10 @@
 """The local cluster flow end to end: ``scripts/local_cluster.sh`` start -> submit -> stop.
 
 A head node with token authentication starts in a temp dir on free ports; the job API refuses
-requests without the token; ``ray job submit --working-dir`` runs the pipeline job (ingest and
-prepare of the CPU demo: the stages that need no engine) to SUCCEEDED; its logs and outputs are
-checked; ``stop`` leaves no process of this cluster behind (and never runs ``ray stop``).
-
-To submit the whole demo pipeline instead (minutes), set ``STAGES`` to ``None``; the test then
-also checks ``metrics.json``.
+requests without the token; ``ray job submit --working-dir`` runs the whole pipeline job on a
+reduced CPU demo (every stage: vLLM summaries, Ray Train, scoring) to SUCCEEDED; its logs,
+outputs and ``metrics.json`` are checked; ``stop`` leaves no process of this cluster behind (and
+never runs ``ray stop``). ``STAGES`` can restrict the job to some stages while developing.
 """
 
 from __future__ import annotations
@@ -30,7 +28,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "local_cluster.sh"
-STAGES: list[str] | None = ["ingest", "prepare"]
+STAGES: list[str] | None = None
+REDUCED = [  # the reduced demo of tests/test_pipeline.py: every stage, in minutes
+    "ingest.demo_users=80",
+    "ingest.demo_items=60",
+    "item_summaries.sampling.max_new_tokens=8",
+    "user_preferences.sampling.max_new_tokens=8",
+    "train.max_steps=4",
+    "train.checkpoint_every=4",
+    "train.image_size=56",
+]
 """Pipeline stages the test job runs (``None``: all of them)."""
 
 
@@ -98,7 +105,8 @@ def test_local_cluster_token_auth_submit_and_stop() -> None:
 
         job_id = f"mllm-msr-test-{uuid.uuid4().hex[:8]}"
         command = ["python", "jobs/pipeline.py", "--config", "configs/demo-cpu.yaml"]
-        command += [f"run_dir={run_dir}", f"cache_dir={work / 'cache'}"]
+        # The repository's model cache: tiny models and DeepSpeed's compiled op are reused.
+        command += [f"run_dir={run_dir}", f"cache_dir={REPO / '.cache' / 'mllm_msr'}", *REDUCED]
         if STAGES is not None:
             command.append(f"stages=[{','.join(STAGES)}]")
         t0 = time.monotonic()
@@ -143,7 +151,10 @@ def test_local_cluster_token_auth_submit_and_stop() -> None:
             assert info["rows_in"] == info["rows_out"] + info["quarantined"]
         if STAGES is None:
             metrics = json.loads((run_dir / "metrics.json").read_text())
-            assert metrics["methods"], metrics
+            assert {"fine_tuned", "zero_shot", "popularity"} <= set(metrics["methods"]), metrics
+            for method, values in metrics["methods"].items():
+                assert values["n_users"] == metrics["n_users"] > 0, method
+                assert {"auc", "hr@5", "mrr@5", "ndcg@5"} <= set(values), method
 
         t0 = time.monotonic()
         stopped = _run(["stop"], env, timeout=120)

@@ -114,7 +114,9 @@ def run_evaluate(cfg: PipelineConfig, run: RunDir) -> dict:
     run.write_json("metrics.json", metrics)
     summary = {
         "rows_in": rows.num_rows,
-        "rows_out": sum(t.num_rows for t in methods.values()),
+        # Every candidate row ends scored (by every method) or quarantined.
+        "rows_out": rows.num_rows - quarantined,
+        "scores_written": sum(t.num_rows for t in methods.values()),
         "quarantined": quarantined,
         "methods": list(results),
         "seconds": round(time.perf_counter() - t0, 2),
