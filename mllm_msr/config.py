@@ -268,8 +268,14 @@ class TrainConfig:
     (counted as ``fallback_users``), or quarantine their samples."""
 
     def __post_init__(self) -> None:
-        for name in ("num_workers", "micro_batch_size", "grad_accum_steps", "checkpoint_every",
-                     "checkpoints_to_keep", "log_every"):
+        for name in (
+            "num_workers",
+            "micro_batch_size",
+            "grad_accum_steps",
+            "checkpoint_every",
+            "checkpoints_to_keep",
+            "log_every",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1")
         if self.max_failures < -1:
