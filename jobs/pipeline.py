@@ -23,14 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mllm_msr.config import PipelineConfig, load_config  # noqa: E402
+from mllm_msr import cli  # noqa: E402
+from mllm_msr.config import PipelineConfig  # noqa: E402
 from mllm_msr.pipeline import format_run_summary, run_pipeline  # noqa: E402
-from mllm_msr.runtime import init_ray, use_cache_dir  # noqa: E402
 
 
 def main(cfg: PipelineConfig, force: list[str] | None = None) -> dict:
-    use_cache_dir(cfg.cache_dir)
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+    cli.start(cfg)
     summary = run_pipeline(cfg, force=force)
     print()
     print(format_run_summary(summary))
@@ -45,17 +44,11 @@ def main(cfg: PipelineConfig, force: list[str] | None = None) -> dict:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/demo-cpu.yaml", help="YAML config file")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
-    p.add_argument("--force", nargs="*", default=None, help="stages to rerun (and those after)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lora.r=16")
+    p = cli.make_parser(__doc__, "train.lora.r=16 stages=[ingest,prepare]")
+    p.add_argument("--force", nargs="*", default=None, help="stages to rerun (and later)")
     return p
 
 
 if __name__ == "__main__":
-    args = make_parser().parse_args()
-    overrides = list(args.overrides)
-    if args.address:
-        overrides.append(f"ray.address={args.address}")
-    main(load_config(args.config, overrides), force=args.force)
+    args = make_parser().parse_intermixed_args()
+    main(cli.config_from_args(args), force=args.force)

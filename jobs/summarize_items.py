@@ -21,40 +21,31 @@ Overrides are dotted ``key=value`` pairs, e.g. ``item_summaries.sampling.max_new
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mllm_msr.config import PipelineConfig, load_config  # noqa: E402
-from mllm_msr.runtime import RunDir  # noqa: E402
+from mllm_msr import cli  # noqa: E402
+from mllm_msr.config import PipelineConfig  # noqa: E402
 from mllm_msr.stages.item_summaries import STAGE, run_item_summaries  # noqa: E402
 
 
 def main(cfg: PipelineConfig, force: bool = False) -> dict:
-    run = RunDir(cfg.run_dir)
+    run = cli.start(cfg, ray=False)  # the stage starts or joins Ray only when there is work
     if force:
         run.clear_stage(STAGE)
-    summary = run_item_summaries(cfg, run)  # starts or joins Ray only when there is work
-    print(json.dumps(summary, indent=2, sort_keys=True))
+    summary = run_item_summaries(cfg, run)
+    cli.print_summary(summary, run)
     return summary
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/demo-cpu.yaml", help="YAML config file")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
-    p.add_argument("--force", action="store_true", help="run even if the stage is marked complete")
-    p.add_argument(
-        "overrides", nargs="*", help="dotted overrides, e.g. item_summaries.pool.concurrency=2"
-    )
+    p = cli.make_parser(__doc__, "item_summaries.pool.concurrency=2")
+    p.add_argument("--force", action="store_true", help="run even if marked complete")
     return p
 
 
 if __name__ == "__main__":
     args = make_parser().parse_intermixed_args()
-    overrides = list(args.overrides)
-    if args.address:
-        overrides.append(f"ray.address={args.address}")
-    main(load_config(args.config, overrides), force=args.force)
+    main(cli.config_from_args(args), force=args.force)

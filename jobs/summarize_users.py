@@ -23,39 +23,28 @@ Overrides are dotted ``key=value`` pairs, e.g. ``user_preferences.mode=direct``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mllm_msr.config import PipelineConfig, load_config  # noqa: E402
-from mllm_msr.runtime import RunDir, init_ray  # noqa: E402
+from mllm_msr import cli  # noqa: E402
+from mllm_msr.config import PipelineConfig  # noqa: E402
 from mllm_msr.stages.user_preferences import run_user_preferences  # noqa: E402
 
 
 def main(cfg: PipelineConfig) -> dict:
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
-    run = RunDir(cfg.run_dir)
+    run = cli.start(cfg)
     summary = run_user_preferences(cfg, run)
-    print(json.dumps(summary, indent=2, sort_keys=True))
-    print(f"run directory: {run.uri}")
+    cli.print_summary(summary, run)
     return summary
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/demo-cpu.yaml", help="YAML config file")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or local)")
-    p.add_argument(
-        "overrides", nargs="*", help="dotted overrides, e.g. user_preferences.block_size=3"
-    )
+    p = cli.make_parser(__doc__, "user_preferences.block_size=3")
     return p
 
 
 if __name__ == "__main__":
-    args = make_parser().parse_args()
-    overrides = list(args.overrides)
-    if args.address:
-        overrides.append(f"ray.address={args.address}")
-    main(load_config(args.config, overrides))
+    args = make_parser().parse_intermixed_args()
+    main(cli.config_from_args(args))
