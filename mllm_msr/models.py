@@ -31,9 +31,10 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from mllm_msr.tiny import publish_dir
 
 MODELS_VERSION = 1
 """Bump when the conversion changes the files it writes."""
@@ -193,18 +194,7 @@ def provision(name: str, cache_dir: str | os.PathLike | None = None, force: bool
         tmp.chmod(0o755)
         for path in tmp.iterdir():
             path.chmod(0o644)
-        if final.exists():
-            stale = final.parent / f".{name}.stale-{uuid.uuid4().hex}"
-            try:
-                os.rename(final, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            except FileNotFoundError:
-                pass
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not _is_current(final, stamp):
-                raise
+        publish_dir(tmp, final, is_current=lambda: _is_current(final, stamp))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

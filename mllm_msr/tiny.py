@@ -38,6 +38,7 @@ import shutil
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -528,24 +529,39 @@ def build_tiny(name: str, cache_dir: str | os.PathLike | None = None, force: boo
             _BUILDERS[spec.family](spec, tmp)
         (tmp / STAMP_FILE).write_text(json.dumps(_stamp(spec), sort_keys=True) + "\n")
         _make_readable(tmp)
-        if final.exists() and (force or not _is_current(final, spec)):
-            # Move the stale copy aside first; a concurrent reader keeps its open files.
-            stale = final.parent / f".{name}.stale-{uuid.uuid4().hex}"
-            try:
-                os.rename(final, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            except FileNotFoundError:
-                pass
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            # Another builder renamed its copy first; use it if it is current.
-            if not _is_current(final, spec):
-                raise
+        publish_dir(
+            tmp,
+            final,
+            is_current=lambda: _is_current(final, spec),
+            replace=force or not _is_current(final, spec),
+        )
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def publish_dir(
+    tmp: Path, final: Path, is_current: Callable[[], bool], replace: bool = True
+) -> None:
+    """Move a finished build from ``tmp`` to ``final`` (atomic rename on one filesystem).
+
+    With ``replace``, an existing ``final`` is moved aside first (a concurrent reader keeps its
+    open files). When another builder renamed its copy first, that copy is kept if
+    ``is_current()`` says so; otherwise the rename error is raised.
+    """
+    if final.exists() and replace:
+        stale = final.parent / f".{final.name}.stale-{uuid.uuid4().hex}"
+        try:
+            os.rename(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not is_current():
+            raise
 
 
 def resolve_model(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
