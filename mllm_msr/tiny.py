@@ -281,8 +281,23 @@ def build_tokenizer(
 # --------------------------------------------------------------------------- models
 
 
-def _build_qwen2_vl(spec: TinySpec, out: Path) -> None:
+def _save_random_qwen(model_cls, config, spec: TinySpec, ids: dict[str, int], out: Path) -> None:
+    """Seed, instantiate ``model_cls(config)`` with random weights, set Qwen's generation ids, save."""
     import torch
+
+    config.architectures = [model_cls.__name__]
+    torch.manual_seed(spec.seed)
+    model = model_cls(config).eval()
+    _finish_generation_config(
+        model,
+        eos=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad=ids["<|endoftext|>"],
+        bos=ids["<|endoftext|>"],
+    )
+    model.save_pretrained(out)
+
+
+def _build_qwen2_vl(spec: TinySpec, out: Path) -> None:
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
@@ -334,16 +349,7 @@ def _build_qwen2_vl(spec: TinySpec, out: Path) -> None:
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    config.architectures = ["Qwen2VLForConditionalGeneration"]
-    torch.manual_seed(spec.seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    _finish_generation_config(
-        model,
-        eos=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad=ids["<|endoftext|>"],
-        bos=ids["<|endoftext|>"],
-    )
-    model.save_pretrained(out)
+    _save_random_qwen(Qwen2VLForConditionalGeneration, config, spec, ids, out)
 
     size = {"shortest_edge": spec.image_min_pixels, "longest_edge": spec.image_max_pixels}
     processor = Qwen2VLProcessor(
@@ -357,7 +363,6 @@ def _build_qwen2_vl(spec: TinySpec, out: Path) -> None:
 
 
 def _build_qwen2(spec: TinySpec, out: Path) -> None:
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = build_tokenizer(QWEN_SPECIAL_TOKENS, QWEN_CHAT_TEMPLATE)
@@ -377,16 +382,7 @@ def _build_qwen2(spec: TinySpec, out: Path) -> None:
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
     )
-    config.architectures = ["Qwen2ForCausalLM"]
-    torch.manual_seed(spec.seed)
-    model = Qwen2ForCausalLM(config).eval()
-    _finish_generation_config(
-        model,
-        eos=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad=ids["<|endoftext|>"],
-        bos=ids["<|endoftext|>"],
-    )
-    model.save_pretrained(out)
+    _save_random_qwen(Qwen2ForCausalLM, config, spec, ids, out)
     tok.save_pretrained(out)
 
 

@@ -39,19 +39,19 @@ def _load(line: str) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+def _bad_json(line: str, source: str) -> dict:
+    """The quarantine row of a JSONL line that is not a JSON object."""
+    return reject(
+        {"q_source": source}, "bad_json", f"not a JSON object: {line[:200]!r}", key=line[:80]
+    )
+
+
 def parse_reviews(batch: pa.Table, source: str) -> pa.Table:
     rows = []
     for line in batch["text"].to_pylist():
         obj = _load(line)
         if obj is None:
-            rows.append(
-                reject(
-                    {"q_source": source},
-                    "bad_json",
-                    f"not a JSON object: {line[:200]!r}",
-                    key=line[:80],
-                )
-            )
+            rows.append(_bad_json(line, source))
             continue
         item = obj.get("parent_asin") or obj.get("asin")
         row = interaction_row(
@@ -90,14 +90,7 @@ def parse_meta(batch: pa.Table, source: str, cfg: IngestConfig) -> pa.Table:
     for line in batch["text"].to_pylist():
         obj = _load(line)
         if obj is None:
-            rows.append(
-                reject(
-                    {"q_source": source},
-                    "bad_json",
-                    f"not a JSON object: {line[:200]!r}",
-                    key=line[:80],
-                )
-            )
+            rows.append(_bad_json(line, source))
             continue
         text = " ".join(t for t in (_join(obj.get("features")), _join(obj.get("description"))) if t)
         rows.append(
