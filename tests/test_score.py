@@ -78,3 +78,29 @@ def test_select_users_is_seeded_and_complete_groups():
     assert select_users(cand, "test", -1, seed=1).num_rows == 30
     with pytest.raises(ValueError, match="no candidates"):
         select_users(cand, "val", -1, seed=1)
+
+
+@pytest.mark.parametrize("model", ["tiny:qwen2-vl", "tiny:qwen2"])
+def test_answer_loss_equals_the_models_own_loss(model):
+    """Training's answer-only loss (logits only where the next token is supervised) is the
+    model's full causal-LM loss, value and gradient."""
+    import torch
+
+    from mllm_msr.stages.collate import RecommenderCollator
+    from mllm_msr.stages.score import load_processor, load_recommender
+    from mllm_msr.stages.train import answer_loss
+    from mllm_msr.tiny import resolve_model
+
+    path = resolve_model(model)
+    torch.manual_seed(0)
+    net = load_recommender(path, None)
+    multimodal = model.endswith("-vl")
+    collator = RecommenderCollator(load_processor(path), 512, 56, with_image=multimodal)
+    rows = [{**r, "title": r["title"] * (1 + i)} for i, r in enumerate(_rows())]  # ragged
+    batch = collator(rows)
+    full = net(**batch).loss
+    (g_full,) = torch.autograd.grad(full, [net.get_input_embeddings().weight])
+    ours = answer_loss(net, batch)
+    (g_ours,) = torch.autograd.grad(ours, [net.get_input_embeddings().weight])
+    assert ours.item() == pytest.approx(full.item(), rel=1e-5)
+    torch.testing.assert_close(g_ours, g_full, rtol=1e-4, atol=1e-6)

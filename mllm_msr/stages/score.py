@@ -154,17 +154,29 @@ class YesNoScorer:
                     batch_cache = copy.deepcopy(cache)
                     batch_cache.batch_repeat_interleave(n)
                     kwargs["past_key_values"] = batch_cache
-                logits = self.model(
+                last = torch.tensor([len(t) - 1 for t in tails])
+                picked = self._logits_at(
+                    last,
                     input_ids=ids.to(self.device),
                     attention_mask=mask.to(self.device),
                     use_cache=cache is not None,
                     **kwargs,
-                ).logits
-                last = torch.tensor([len(t) - 1 for t in tails], device=logits.device)
-                picked = logits[torch.arange(n, device=logits.device), last].float()
+                )
                 pair = torch.stack([picked[:, self.yes_id], picked[:, self.no_id]], dim=1)
                 out[start : start + n] = torch.softmax(pair, dim=1)[:, 0].cpu().numpy()
         return out
+
+    def _logits_at(self, positions, **inputs):
+        """fp32 logits of row ``i`` at position ``positions[i]``; the vocabulary projection runs
+        only at those positions (``logits_to_keep``), not at every position of the batch."""
+        import torch
+
+        keep, index = torch.unique(positions, return_inverse=True)
+        logits = self.model(**inputs, logits_to_keep=keep.to(self.device)).logits
+        if logits.shape[1] != keep.numel():  # a model that ignores logits_to_keep
+            logits = logits[:, keep.to(logits.device)]
+        rows = torch.arange(len(positions), device=logits.device)
+        return logits[rows, index.to(logits.device)].float()
 
     def score_rows(self, rows: list[dict]) -> np.ndarray:
         if self.share_prefix:
@@ -181,12 +193,11 @@ class YesNoScorer:
             batch = self.collator([{**r, "label": 1} for r in chunk])
             labels = batch.pop("labels")
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with torch.inference_mode():
-                logits = self.model(**batch).logits
             # The first supervised position is the answer token; the logits one step before
             # predict it.
             first = (labels != -100).int().argmax(dim=1) - 1
-            picked = logits[torch.arange(len(chunk)), first.to(self.device)].float()
+            with torch.inference_mode():
+                picked = self._logits_at(first, **batch)
             pair = torch.stack([picked[:, self.yes_id], picked[:, self.no_id]], dim=1)
             out[start : start + len(chunk)] = torch.softmax(pair, dim=1)[:, 0].cpu().numpy()
         return out
