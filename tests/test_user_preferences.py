@@ -238,6 +238,9 @@ def test_reusable_states_follow_the_block_chain_rule():
     assert stage.reusable_states(old, stored, 3, "recurrent", other) == []
     direct = stage.settings_key(up_config(block_size=3, mode="direct"))
     assert stage.reusable_states(old, stored, 3, "direct", direct) == []
+    penalized = up_config(block_size=3)
+    penalized.sampling.repetition_penalty = 1.1
+    assert stage.reusable_states(old, stored, 3, "recurrent", stage.settings_key(penalized)) == []
 
 
 def test_refresh_equals_recomputation_with_a_deterministic_generate():

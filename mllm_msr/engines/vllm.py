@@ -277,6 +277,7 @@ class VLLMEngine:
                 max_tokens=sampling.max_new_tokens,
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
+                repetition_penalty=sampling.repetition_penalty,
                 seed=None
                 if sampling.temperature == 0
                 else (seeds[i] if seeds is not None else sampling.seed + i),

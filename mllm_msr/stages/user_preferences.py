@@ -199,7 +199,8 @@ def settings_key(up: UserPreferencesConfig) -> str:
             "block_size": up.block_size,
             "noun": up.noun,
             "use_item_summaries": up.use_item_summaries,
-            "sampling": [s.max_new_tokens, s.temperature, s.top_p, s.seed],
+            "sampling": [s.max_new_tokens, s.temperature, s.top_p, s.seed]
+            + ([s.repetition_penalty] if s.repetition_penalty != 1.0 else []),
         },
         sort_keys=True,
     )
