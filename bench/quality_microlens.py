@@ -326,6 +326,13 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python bench/quality_microlens.py", *(argv or sys.argv[1:])]),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "wall_seconds": time.perf_counter() - t0,
+    }
+    if args.report_only and Path(args.out).exists():
+        # Re-rendering finished runs: keep the command, end time and wall time of the run.
+        previous = json.loads(Path(args.out).read_text())
+        report.update({k: previous[k] for k in ("command", "finished", "wall_seconds")})
+    report = {
+        **report,
         "n_boot": args.n_boot,
         "sizes": sizes(configs),
         **collect(configs, args.n_boot, base.seed),
