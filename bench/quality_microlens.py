@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mllm_msr.config import PipelineConfig, load_config  # noqa: E402
-from mllm_msr.metrics import bootstrap_ci, evaluate_scores  # noqa: E402
+from mllm_msr.metrics import bootstrap_ci, evaluate_scores, paired_bootstrap_diff  # noqa: E402
 from mllm_msr.report import format_metrics_table  # noqa: E402
 from mllm_msr.runtime import RunDir  # noqa: E402
 
@@ -46,6 +46,8 @@ CONFIG = ROOT / "configs" / "microlens-50k-smollm2.yaml"
 KS = (1, 3, 5, 10)
 CI_METRICS = ("auc", "hr@5", "mrr@5", "ndcg@5")
 TITLE_SIM = "title TF-IDF similarity to history (no training)"
+FINE_TUNED = "SmolLM2 LoRA, recurrent preferences"
+"""The method every other row is compared with in the paired-difference table."""
 
 PAPER = {
     "MLLM-MSR (paper, LLaVA-v1.6-Mistral-7B, full test set)": {
@@ -160,6 +162,14 @@ def collect(configs: dict, n_boot: int, seed: int) -> dict:
         ci[label] = {m: boot[m] for m in CI_METRICS}
         rows_of[label] = sorted(zip(table["user_id"].to_pylist(), table["item_id"].to_pylist()))
     same = len({tuple(r) for r in rows_of.values()}) <= 1
+    paired = {}
+    if same and FINE_TUNED in tables:
+        for label, table in tables.items():
+            if label != FINE_TUNED:
+                diff = paired_bootstrap_diff(
+                    tables[FINE_TUNED], table, ks=KS, n_boot=n_boot, seed=seed
+                )
+                paired[label] = {m: diff[m] for m in CI_METRICS}
     diagnostics = {
         "score_vs_popularity_spearman": popularity_correlation(tables),
         "preferences": {
@@ -179,6 +189,7 @@ def collect(configs: dict, n_boot: int, seed: int) -> dict:
         "methods": results,
         "ci": ci,
         "same_test_rows": same,
+        "paired_vs_fine_tuned": paired,
         "stage_seconds": stages,
         "diagnostics": diagnostics,
     }
@@ -282,6 +293,7 @@ def render(report: dict) -> str:
         "",
         format_metrics_table(report["methods"], metrics=list(CI_METRICS), ci=report["ci"]),
         "",
+        *paired_lines(report.get("paired_vs_fine_tuned", {}), report["n_boot"]),
         "Published (paper, MicroLens, full test set; not comparable in model or data size):",
         "",
         format_metrics_table(PAPER, metrics=["auc", "hr@5", "mrr@5"]),
@@ -297,6 +309,28 @@ def render(report: dict) -> str:
         cells = ", ".join(f"{s} {v if v is not None else '-'}" for s, v in stages.items())
         lines.append(f"- `{run_dir}`: {cells}")
     return "\n".join(lines) + "\n"
+
+
+def paired_lines(paired: dict, n_boot: int) -> list[str]:
+    """Markdown: the fine-tuned model minus each other method, with paired 95% intervals."""
+    if not paired:
+        return []
+    head = " | ".join(m.upper() for m in CI_METRICS)
+    lines = [
+        f"{FINE_TUNED} minus each method (x100), with 95% paired bootstrap intervals "
+        f"({n_boot} resamples of the test users, both methods on each resample): an interval "
+        "above 0 means better on these users beyond resampling noise.",
+        "",
+        f"| minus | {head} |",
+        "|---|" + "---:|" * len(CI_METRICS),
+    ]
+    for label, diffs in paired.items():
+        cells = [
+            f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+            for d, lo, hi in (diffs[m] for m in CI_METRICS)
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def main(argv: list[str] | None = None) -> dict:

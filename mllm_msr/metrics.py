@@ -229,6 +229,59 @@ def bootstrap_ci(
     are skipped as in :func:`evaluate_scores`. Returns ``{metric: (low, high)}``.
     """
     user_id, label, score = _columns(table, user_id, label, score)
+    _, samples = _bootstrap_samples(user_id, label, score, ks, n_boot, seed)
+    lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
+    return {
+        name: (float(np.percentile(v, lo)), float(np.percentile(v, hi)))
+        for name, v in samples.items()
+    }
+
+
+def paired_bootstrap_diff(
+    first: pa.Table,
+    second: pa.Table,
+    ks: Sequence[int] = DEFAULT_KS,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, tuple[float, float, float]]:
+    """``first - second`` for every metric, with a paired percentile bootstrap interval.
+
+    Both score tables must cover the same evaluable users; every replicate resamples the users
+    once and computes both methods' metrics on that one sample, so the interval is of the
+    difference itself (much narrower than comparing two separate intervals when the methods are
+    scored on the same candidates). Returns ``{metric: (difference, low, high)}``.
+    """
+    users_a, samples_a = _bootstrap_samples(*_columns(first, None, None, None), ks, n_boot, seed)
+    users_b, samples_b = _bootstrap_samples(*_columns(second, None, None, None), ks, n_boot, seed)
+    if not np.array_equal(users_a, users_b):
+        raise ValueError("paired bootstrap needs the same evaluable users in both tables")
+    point_a, point_b = evaluate_scores(first, ks=ks), evaluate_scores(second, ks=ks)
+    lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
+    out = {}
+    for name in samples_a:
+        diff = samples_a[name] - samples_b[name]
+        out[name] = (
+            float(point_a[name] - point_b[name]),
+            float(np.percentile(diff, lo)),
+            float(np.percentile(diff, hi)),
+        )
+    return out
+
+
+def _bootstrap_samples(
+    user_id: np.ndarray,
+    label: np.ndarray,
+    score: np.ndarray,
+    ks: Sequence[int],
+    n_boot: int,
+    seed: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The evaluable users (sorted) and every metric over ``n_boot`` user resamples.
+
+    The resamples depend only on ``seed`` and the number of users, so two methods scored on the
+    same users get the same resamples (what :func:`paired_bootstrap_diff` relies on).
+    """
     g = group_ranks(user_id, label, score, on_degenerate="skip")
     n = len(g.users)
     if n == 0:
@@ -239,18 +292,13 @@ def bootstrap_ci(
     row_group, row_label, row_score = row_group[in_eval], label[in_eval], score[in_eval]
 
     rng = np.random.default_rng(seed)
-    names = metric_names(ks)
-    samples = {name: np.empty(n_boot) for name in names}
+    samples = {name: np.empty(n_boot) for name in metric_names(ks)}
     for b in range(n_boot):
         counts = np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
         samples["auc"][b] = auc(row_label, row_score, weight=counts[row_group])
         for name, value in _per_user_means(g.rank, g.auc, ks, weight=counts).items():
             samples[name][b] = value
-    lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
-    return {
-        name: (float(np.percentile(v, lo)), float(np.percentile(v, hi)))
-        for name, v in samples.items()
-    }
+    return g.users, samples
 
 
 # internals ----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from mllm_msr.metrics import (
     evaluate_scores,
     group_ranks,
     metric_names,
+    paired_bootstrap_diff,
 )
 from mllm_msr.report import format_metrics_table
 
@@ -182,6 +183,33 @@ def test_bootstrap_ci_contains_estimate_and_is_seeded():
     assert ci == bootstrap_ci(user_id=user, label=label, score=score, n_boot=200, seed=3)
     perfect = bootstrap_ci(**_groups((1.0, [0.0] * 20), (1.0, [0.5] * 20)), n_boot=50)
     assert perfect["hr@1"] == (1.0, 1.0) and perfect["auc"] == (1.0, 1.0)
+
+
+def test_paired_bootstrap_diff_is_zero_on_itself_and_narrower_than_separate_intervals():
+    rng = np.random.default_rng(2)
+    n_users = 80
+    user = np.repeat(np.arange(n_users).astype(str), 21)
+    label = np.tile([1] + [0] * 20, n_users)
+    base = rng.normal(size=len(user))
+    noise = 0.3 * rng.normal(size=len(user))
+
+    def table(score):
+        return pa.table({"user_id": user, "label": pa.array(label, pa.int8()), "score": score})
+
+    strong, weak = table(base + 1.2 * label), table(base + noise + 0.8 * label)
+    assert all(v == (0.0, 0.0, 0.0) for v in paired_bootstrap_diff(strong, strong).values())
+    diff = paired_bootstrap_diff(strong, weak, n_boot=300, seed=5)
+    m_s, m_w = evaluate_scores(strong), evaluate_scores(weak)
+    for name in ("auc", "hr@5", "ndcg@5"):
+        point, low, high = diff[name]
+        assert point == pytest.approx(m_s[name] - m_w[name])
+        assert low <= point <= high
+    # Same users, same candidates: the paired interval is narrower than the separate ones.
+    ci_s = bootstrap_ci(strong, n_boot=300, seed=5)["auc"]
+    ci_w = bootstrap_ci(weak, n_boot=300, seed=5)["auc"]
+    assert diff["auc"][2] - diff["auc"][1] < (ci_s[1] - ci_s[0]) + (ci_w[1] - ci_w[0])
+    with pytest.raises(ValueError, match="same evaluable users"):
+        paired_bootstrap_diff(strong, table(base).slice(0, 21 * 10))
 
 
 def test_format_metrics_table():

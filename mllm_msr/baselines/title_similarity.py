@@ -52,9 +52,7 @@ def title_similarity_scores(
     histories = split_histories(sequences, split)
     profiles: dict[str, dict[str, float]] = {}
     score = np.zeros(rows.num_rows, dtype=np.float64)
-    for k, (user, item) in enumerate(
-        zip(rows["user_id"].to_pylist(), rows["item_id"].to_pylist())
-    ):
+    for k, (user, item) in enumerate(zip(rows["user_id"].to_pylist(), rows["item_id"].to_pylist())):
         if user not in profiles:
             history = histories.get(user, [])
             profiles[user] = _vector([w for i in history for w in words(titles.get(i))], idf)
