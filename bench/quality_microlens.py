@@ -114,7 +114,7 @@ def seed_from(src: RunDir, dst: RunDir, stages: list[str]) -> None:
             if src.exists(table):
                 dst.remove(table)
                 shutil.copytree(src.path(table), dst.path(table))
-        dst.mark_done(stage, {**src.stage_summary(stage), "copied_from": src.uri})
+        dst.write_stage_record(stage, {**src.stage_record(stage), "copied_from": src.uri})
 
 
 def run_all(configs: dict, log=print) -> dict[str, dict]:

@@ -1,8 +1,9 @@
 """Ingest a raw dataset into items/, interactions/ and quarantine/ingest/ (Parquet).
 
-Writes items/, interactions/, quarantine/ingest/ and the stage marker ``_stages/ingest.json``
-(its summary) under the run directory; a completed stage is skipped, an interrupted one is
-cleared and rerun.
+Runs the ingest stage through the pipeline's stage contract: it is skipped when its completion
+record (``_stages/ingest.json``) matches the current config and its parts are intact, and rerun
+(with the stages after it stale) when a setting that shapes it changed. ``--force`` reruns it,
+``--dry-run`` says whether it would run and why.
 
 Embedded local Ray (no address)::
 
@@ -13,34 +14,25 @@ On a cluster (the data root must be readable from the workers)::
     ray job submit --working-dir . -- python jobs/ingest.py --config configs/microlens-50k.yaml \
         ingest.root=/mnt/data/microlens-50k run_dir=s3://bucket/runs/microlens-50k
 
-Overrides are dotted ``key=value`` pairs, e.g. ``prepare.seed=7 ingest.num_shards=8``.
+Overrides are dotted ``key=value`` pairs, e.g. ``ingest.num_shards=8``.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mllm_msr import cli  # noqa: E402
-from mllm_msr.config import PipelineConfig  # noqa: E402
-from mllm_msr.stages.ingest import run_ingest  # noqa: E402
+
+STAGE = "ingest"
 
 
-def main(cfg: PipelineConfig) -> dict:
-    run = cli.start(cfg)
-    summary = run_ingest(cfg, run)
-    cli.print_summary(summary, run)
-    return summary
-
-
-def make_parser() -> argparse.ArgumentParser:
-    p = cli.make_parser(__doc__, "prepare.seed=7 ingest.num_shards=8")
-    return p
+def make_parser():
+    return cli.stage_parser(__doc__, "ingest.num_shards=8")
 
 
 if __name__ == "__main__":
     args = make_parser().parse_intermixed_args()
-    main(cli.config_from_args(args))
+    cli.run_stage_job(cli.config_from_args(args), STAGE, force=args.force, dry_run=args.dry_run)

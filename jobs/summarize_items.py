@@ -1,9 +1,10 @@
 """Summarize every item of a run's ``items/`` table with a multimodal LLM (MLLM-MSR stage 1).
 
 Reads ``<run_dir>/items/``, writes ``<run_dir>/item_summaries/`` and
-``<run_dir>/quarantine/item_summaries/``. Resumable: a rerun after a crash only summarizes the
-items left; once the stage is complete a rerun does nothing (``--force`` ignores the completion
-marker, yet items whose summary is current for their image, model and prompt are still kept).
+``<run_dir>/quarantine/item_summaries/``. Incremental: items whose summary is current for their
+image, model, generation settings and prompt are kept, the rest are summarized; a rerun after a
+crash only does the items left. ``--force`` summarizes every item again (the earlier summaries
+are removed only after the new ones are written); ``--dry-run`` says whether it would run.
 
 Embedded local Ray (no address)::
 
@@ -20,32 +21,20 @@ Overrides are dotted ``key=value`` pairs, e.g. ``item_summaries.sampling.max_new
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mllm_msr import cli  # noqa: E402
-from mllm_msr.config import PipelineConfig  # noqa: E402
-from mllm_msr.stages.item_summaries import STAGE, run_item_summaries  # noqa: E402
+
+STAGE = "item_summaries"
 
 
-def main(cfg: PipelineConfig, force: bool = False) -> dict:
-    run = cli.start(cfg, ray=False)  # the stage starts or joins Ray only when there is work
-    if force:
-        run.clear_stage(STAGE)
-    summary = run_item_summaries(cfg, run)
-    cli.print_summary(summary, run)
-    return summary
-
-
-def make_parser() -> argparse.ArgumentParser:
-    p = cli.make_parser(__doc__, "item_summaries.pool.concurrency=2")
-    p.add_argument("--force", action="store_true", help="run even if marked complete")
-    return p
+def make_parser():
+    return cli.stage_parser(__doc__, "item_summaries.pool.concurrency=2")
 
 
 if __name__ == "__main__":
     args = make_parser().parse_intermixed_args()
-    main(cli.config_from_args(args), force=args.force)
+    cli.run_stage_job(cli.config_from_args(args), STAGE, force=args.force, dry_run=args.dry_run)

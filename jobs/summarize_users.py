@@ -1,10 +1,9 @@
 """Summarize user preferences: recurrent (or direct) LLM summaries of each user's history.
 
 Reads sequences/, items/ and item_summaries/; writes preferences/ (every intermediate state, the
-last one per user marked final), quarantine/user_preferences.parquet and the stage marker
-``_stages/user_preferences.json`` (its summary). Rerunning is cheap and safe: batches whose part
-file exists are skipped, and after new interactions (longer histories in sequences/) only the
-new blocks are summarized, continuing from each user's stored states.
+last one per user marked final) and quarantine/user_preferences/. Incremental: states whose
+inputs are unchanged are reused, and after new interactions only the new blocks are summarized.
+``--force`` recomputes every state; ``--dry-run`` says whether it would run and why.
 
 Embedded local Ray (no address)::
 
@@ -12,7 +11,7 @@ Embedded local Ray (no address)::
 
 On a cluster::
 
-    ray job submit --working-dir . -- python jobs/summarize_users.py \\
+    ray job submit --working-dir . -- python jobs/summarize_users.py \
         --config configs/qwen2.5-vl.yaml run_dir=s3://bucket/runs/microlens-50k
 
 Overrides are dotted ``key=value`` pairs, e.g. ``user_preferences.mode=direct``
@@ -22,29 +21,20 @@ Overrides are dotted ``key=value`` pairs, e.g. ``user_preferences.mode=direct``
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mllm_msr import cli  # noqa: E402
-from mllm_msr.config import PipelineConfig  # noqa: E402
-from mllm_msr.stages.user_preferences import run_user_preferences  # noqa: E402
+
+STAGE = "user_preferences"
 
 
-def main(cfg: PipelineConfig) -> dict:
-    run = cli.start(cfg)
-    summary = run_user_preferences(cfg, run)
-    cli.print_summary(summary, run)
-    return summary
-
-
-def make_parser() -> argparse.ArgumentParser:
-    p = cli.make_parser(__doc__, "user_preferences.block_size=3")
-    return p
+def make_parser():
+    return cli.stage_parser(__doc__, "user_preferences.mode=direct")
 
 
 if __name__ == "__main__":
     args = make_parser().parse_intermixed_args()
-    main(cli.config_from_args(args))
+    cli.run_stage_job(cli.config_from_args(args), STAGE, force=args.force, dry_run=args.dry_run)

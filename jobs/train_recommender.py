@@ -1,9 +1,10 @@
 """Fine-tune the recommender (LoRA on the multimodal LLM) with Ray Train + DeepSpeed ZeRO.
 
 Reads candidates/, sequences/, items/, item_summaries/ and preferences/ from the run directory;
-writes Ray Train checkpoints to ``train/``, the peft adapter to ``adapter/`` (merged weights to
-``merged/`` with ``train.merge_adapter=true``) and the stage marker ``_stages/train.json``.
-Re-running resumes from the latest checkpoint in ``train/``; ``--fresh`` starts over.
+writes Ray Train checkpoints to ``train/`` and the peft adapter to ``adapter/`` (merged weights
+to ``merged/`` with ``train.merge_adapter=true``). A rerun resumes from the latest checkpoint
+only when it was trained on the same samples and settings (otherwise training starts over);
+``--force`` starts over; ``--dry-run`` says whether it would run and why.
 
 Embedded local Ray (no address)::
 
@@ -20,30 +21,20 @@ Overrides are dotted ``key=value`` pairs, e.g. ``train.max_steps=100 train.lora.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mllm_msr import cli  # noqa: E402
-from mllm_msr.config import PipelineConfig  # noqa: E402
-from mllm_msr.stages.train import run_train  # noqa: E402
+
+STAGE = "train"
 
 
-def main(cfg: PipelineConfig, fresh: bool = False) -> dict:
-    run = cli.start(cfg)
-    summary = run_train(cfg, run, fresh=fresh)
-    print(f"adapter: {summary['adapter']}")
-    return summary
-
-
-def make_parser() -> argparse.ArgumentParser:
-    p = cli.make_parser(__doc__, "train.max_steps=100")
-    p.add_argument("--fresh", action="store_true", help="delete earlier checkpoints first")
-    return p
+def make_parser():
+    return cli.stage_parser(__doc__, "train.max_steps=100")
 
 
 if __name__ == "__main__":
     args = make_parser().parse_intermixed_args()
-    main(cli.config_from_args(args), fresh=args.fresh)
+    cli.run_stage_job(cli.config_from_args(args), STAGE, force=args.force, dry_run=args.dry_run)

@@ -45,6 +45,35 @@ def start(cfg: PipelineConfig, ray: bool = True) -> RunDir:
     return RunDir(cfg.run_dir)
 
 
+def stage_parser(doc: str | None, example: str) -> argparse.ArgumentParser:
+    """The parser of a one-stage job: ``--force`` (run it fresh) and ``--dry-run``."""
+    p = make_parser(doc, example)
+    p.add_argument("--force", action="store_true", help="run the stage fresh, even if up to date")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print whether the stage would run and why"
+    )
+    return p
+
+
+def run_stage_job(cfg: PipelineConfig, stage: str, force: bool = False, dry_run: bool = False):
+    """Run one stage through the pipeline (fingerprints, lease, completion record); returns the
+    stage's summary (its completion record's summary when it was up to date)."""
+    import dataclasses
+
+    from mllm_msr.pipeline import run_pipeline
+
+    use_cache_dir(cfg.cache_dir)
+    one = dataclasses.replace(cfg, stages=[stage])
+    out = run_pipeline(one, force=[stage] if force else None, dry_run=dry_run)
+    if dry_run:
+        return out
+    run = RunDir(cfg.run_dir)
+    summary = dict(run.stage_summary(stage) or {})
+    summary["skipped"] = out["stages"][stage]["skipped"]
+    print_summary(summary, run)
+    return summary
+
+
 def print_summary(summary: dict[str, Any], run: RunDir) -> None:
     import json
 

@@ -7,6 +7,7 @@ writes its tables under ``<run_dir>/<table>/`` and, when finished, a marker
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -97,18 +98,96 @@ class RunDir:
             promote_options="default",
         )
 
-    # stage markers -------------------------------------------------------------
+    # stage completion records -------------------------------------------------------
+    # ``_stages/<stage>.json`` is written by the pipeline (:mod:`mllm_msr.pipeline`) when a stage
+    # finishes: ``{"fingerprint", "config", "inputs", "parts", "summary", ...}``. A record
+    # without a ``fingerprint`` comes from an older version (its summary at the top level).
+
     def stage_done(self, stage: str) -> bool:
         return self.exists("_stages", f"{stage}.json")
 
-    def mark_done(self, stage: str, summary: dict) -> None:
-        self.write_json(f"_stages/{stage}.json", {**summary, "finished_at": time.time()})
+    def stage_record(self, stage: str) -> dict | None:
+        return self.read_json(f"_stages/{stage}.json") if self.stage_done(stage) else None
+
+    def write_stage_record(self, stage: str, record: dict) -> None:
+        self.write_json(f"_stages/{stage}.json", {**record, "finished_at": time.time()})
 
     def stage_summary(self, stage: str) -> dict | None:
-        return self.read_json(f"_stages/{stage}.json") if self.stage_done(stage) else None
+        record = self.stage_record(stage)
+        if record is None:
+            return None
+        return record.get("summary", {}) if "fingerprint" in record else record
 
     def clear_stage(self, stage: str) -> None:
         self.remove("_stages", f"{stage}.json")
+
+    # part manifests ------------------------------------------------------------------
+
+    def files_under(self, rel: str) -> list[str]:
+        """Relative paths of every file at or under ``rel`` (temporary files excluded)."""
+        info = self.fs.get_file_info(self.path(rel))
+        if info.type == pafs.FileType.File:
+            return [rel]
+        if info.type != pafs.FileType.Directory:
+            return []
+        sel = pafs.FileSelector(self.path(rel), recursive=True)
+        root = self.root.rstrip("/") + "/"
+        return sorted(
+            i.path[len(root) :]
+            for i in self.fs.get_file_info(sel)
+            if i.type == pafs.FileType.File
+            and not i.path.endswith(".tmp")
+            and ".tmp" not in i.base_name
+        )
+
+    def describe_file(self, rel: str) -> dict:
+        """Size, SHA-256 and (Parquet) row count of one file: what a rerun verifies."""
+        digest = hashlib.sha256()
+        size = 0
+        with self.fs.open_input_stream(self.path(rel)) as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+                size += len(chunk)
+        out: dict = {"bytes": size, "sha256": digest.hexdigest()}
+        if rel.endswith(".parquet"):
+            out["rows"] = pq.read_metadata(self.path(rel), filesystem=self.fs).num_rows
+        return out
+
+    def manifest(self, rels: list[str]) -> dict[str, dict]:
+        """``{file: describe_file(file)}`` for every file under each of ``rels``."""
+        return {f: self.describe_file(f) for rel in rels for f in self.files_under(rel)}
+
+    def verify_manifest(self, manifest: dict[str, dict]) -> list[tuple[str, str]]:
+        """The recorded files that are missing or differ: ``[(file, why)]``."""
+        bad = []
+        for rel, want in sorted(manifest.items()):
+            if not self.exists(rel):
+                bad.append((rel, "missing"))
+                continue
+            try:
+                have = self.describe_file(rel)
+            except Exception as exc:  # unreadable Parquet footer, I/O error
+                bad.append((rel, f"unreadable: {exc}"))
+                continue
+            if have != want:
+                diff = [k for k in want if have.get(k) != want[k]]
+                bad.append(
+                    (rel, "changed " + ", ".join(f"{k} {want[k]} -> {have.get(k)}" for k in diff))
+                )
+        return bad
+
+    def drop_unreadable(self, table_dir: str, log=print) -> list[str]:
+        """Delete Parquet files under ``table_dir`` whose footer cannot be read (a part cut
+        short by a crash or a full disk); returns them. Incremental stages then redo their rows."""
+        dropped = []
+        for path in self.table_files(table_dir):
+            try:
+                pq.read_metadata(path, filesystem=self.fs)
+            except Exception as exc:
+                log(f"[{table_dir}] removing unreadable part {path}: {exc}")
+                self.fs.delete_file(path)
+                dropped.append(path)
+        return dropped
 
 
 def cpu_env_defaults() -> dict[str, str]:

@@ -298,8 +298,8 @@ def test_title_ablation_runs_resumes_and_skips(tmp_path):
     assert titles[demo.item_id(0)] == demo.item_title(0, 0)
     assert set(table["model"].to_pylist()) == {stage.TITLE_MODEL}
 
-    again = stage.run_item_summaries(cfg, run, log=logs.append)
-    assert again.get("already_complete") is True
+    again = stage.run_item_summaries(cfg, run, log=logs.append)  # nothing left to do
+    assert again["summarized"] == 0 and again["skipped"] == 20 and again["dropped"] == 0
 
     # Simulate a crash: marker and one batch file gone -> only that batch is redone.
     run.clear_stage(stage.STAGE)
@@ -352,9 +352,9 @@ def test_stage_with_vllm_actors_is_complete_deterministic_and_resumable(tmp_path
     assert out["inj0"]["prompt_tokens"] == out["inj1"]["prompt_tokens"]
     assert out["inj0"]["summary"] == out["inj1"]["summary"]
 
-    # A rerun after completion does nothing.
+    # A rerun after completion does nothing (no engine starts, no file changes).
     files = run.table_files(stage.OUTPUT)
-    assert stage.run_item_summaries(cfg, run).get("already_complete") is True
+    assert stage.run_item_summaries(cfg, run)["summarized"] == 0
     assert run.table_files(stage.OUTPUT) == files
 
     # A rerun after a "crash" (marker and two batch files lost) redoes only those items, with
@@ -384,7 +384,7 @@ def test_stage_survives_a_killed_actor(tmp_path, ray_local, monkeypatch):
     assert sorted(ids) == sorted(items.column("item_id").to_pylist())  # each exactly once
 
 
-def test_job_runs_the_title_ablation_and_reruns_as_a_no_op(tmp_path, capsys):
+def test_job_runs_the_title_ablation_and_reruns_as_a_no_op(tmp_path, capsys, ray_local):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -404,7 +404,10 @@ def test_job_runs_the_title_ablation_and_reruns_as_a_no_op(tmp_path, capsys):
         ]
     )
     cfg = load_config(args.config, args.overrides)
-    first = job.main(cfg, force=args.force)
+    from mllm_msr import cli
+
+    first = cli.run_stage_job(cfg, job.STAGE, force=args.force)
     assert first["rows_out"] == 10 and first["model"] == stage.TITLE_MODEL
-    assert job.main(cfg).get("already_complete") is True
+    assert first["skipped"] is False
+    assert cli.run_stage_job(cfg, job.STAGE)["skipped"] is True  # up to date
     assert '"rows_out": 10' in capsys.readouterr().out

@@ -408,7 +408,6 @@ def test_zero2_trains_survives_a_dead_worker_and_exports_adapter(
     assert max(losses[-2:]) < 0.5 * losses[0], losses
     assert summary["frozen_unchanged"] is True
     assert summary["rows_out"] == 68 and summary["fallback_users"] == 11
-    assert run.stage_done("train")
 
     # the adapter moved (lora_B starts at zero) and loads onto the base model for scoring
     weights = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))

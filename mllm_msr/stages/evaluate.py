@@ -44,7 +44,7 @@ def _read_optional(run: RunDir, table: str, columns: list[str] | None = None) ->
     return run.read_table(table, columns) if run.table_files(table) else None
 
 
-def run_evaluate(cfg: PipelineConfig, run: RunDir) -> dict:
+def run_evaluate(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
     from mllm_msr.stages.score import score_samples
     from mllm_msr.stages.sft import build_sft_samples
 
@@ -73,8 +73,11 @@ def run_evaluate(cfg: PipelineConfig, run: RunDir) -> dict:
         methods["sasrec"] = sasrec_scores(sequences, rows, ev.split, SASRecConfig(seed=cfg.seed))
 
     model_methods = []
-    if run.exists("adapter") and "train" in cfg.stages:
+    # The run's adapter, whatever ``stages`` says: re-evaluating a finished run scores it too.
+    if run.exists("adapter", "adapter_config.json"):
         model_methods.append(("fine_tuned", run.uri_of("adapter")))
+    else:
+        log(f"[evaluate] no adapter in {run.uri_of('adapter')}: no fine_tuned row (run train)")
     if "zero_shot" in ev.baselines:
         model_methods.append(("zero_shot", None))
     quarantined = 0
@@ -90,6 +93,7 @@ def run_evaluate(cfg: PipelineConfig, run: RunDir) -> dict:
             stage="evaluate",
         )
         quarantined = quarantine.num_rows
+        run.remove("quarantine/evaluate")
         if quarantine.num_rows:
             run.write_table("quarantine/evaluate", quarantine)
         for name, adapter in model_methods:
@@ -101,6 +105,9 @@ def run_evaluate(cfg: PipelineConfig, run: RunDir) -> dict:
     for name, table in methods.items():
         run.write_table("scores", table, name=name)
         results[name] = evaluate_scores(table, ks=ev.ks)
+    for path in run.table_files("scores"):  # methods of an earlier run not scored this time
+        if path.rsplit("/", 1)[-1][: -len(".parquet")] not in methods:
+            run.fs.delete_file(path)
     order = ["fine_tuned", "zero_shot", "sasrec", "popularity", "random"]
     results = {m: results[m] for m in order if m in results}
     metrics = {
@@ -121,5 +128,4 @@ def run_evaluate(cfg: PipelineConfig, run: RunDir) -> dict:
         "methods": list(results),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    run.mark_done("evaluate", summary)
     return summary

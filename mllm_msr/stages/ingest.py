@@ -52,9 +52,7 @@ def format_summary(s: dict) -> str:
 
 
 def run_ingest(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
-    """Run (or skip, when complete) the ingest stage; returns its summary."""
-    if run.stage_done(STAGE):
-        return run.stage_summary(STAGE) or {}
+    """Run the ingest stage (the pipeline decides when); returns its summary."""
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
     for table in OUTPUTS:  # partial outputs of a crashed run
         run.remove(table)
@@ -93,5 +91,12 @@ def run_ingest(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
     )
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     log(format_summary(summary))
-    run.mark_done(STAGE, summary)
+    empty = [k for k in ("items", "interactions") if summary[k]["written"] == 0]
+    if empty:
+        raise ValueError(
+            f"ingest wrote no {' and no '.join(empty)} (format={icfg.format}, "
+            f"items file {src.items_file}, interactions file {src.interactions_file}; "
+            f"quarantined: {quarantined or 'none'}): check ingest.root, ingest.items, "
+            f"ingest.interactions and the column settings"
+        )
     return summary

@@ -95,8 +95,17 @@ class SummaryKey:
 
 
 def model_name(cfg: ItemSummariesConfig) -> str:
-    """The ``model`` recorded with the summaries of ``cfg``."""
-    return cfg.engine.model if cfg.enabled else TITLE_MODEL
+    """The ``model`` recorded with the summaries of ``cfg``: the model id and a digest of the
+    generation settings that shape the text (dtype, image resolution, sampling), so that a
+    changed setting makes new summaries instead of reusing the old ones."""
+    if not cfg.enabled:
+        return TITLE_MODEL
+    e, s = cfg.engine, cfg.sampling
+    settings = [e.family, e.dtype, e.image_max_pixels, e.max_model_len, e.limit_images_per_prompt]
+    settings += [s.max_new_tokens, s.temperature, s.top_p, s.seed, s.repetition_penalty]
+    settings += [cfg.multi_image]
+    digest = hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()[:10]
+    return f"{e.model}@{digest}"
 
 
 def item_prompt_version(n_images: int, cfg: ItemSummariesConfig) -> str:
@@ -376,33 +385,42 @@ def _rewrite(run: RunDir, path: str, keep: list[bool]) -> None:
     run.fs.move(tmp, path)
 
 
-def reconcile(run: RunDir, expected: dict[str, SummaryKey]) -> OutputState:
+def reconcile(
+    run: RunDir, expected: dict[str, SummaryKey], prune: bool = True, keep_only=None
+) -> OutputState:
     """Keep, per item, one summary or one quarantine row matching its current key.
 
     Rows of items no longer in ``items/``, of a changed image hash, of another model or prompt
     version, and second copies of an item are removed (each file rewritten atomically). A summary
-    wins over a quarantine row of the same item.
+    wins over a quarantine row of the same item. ``prune=False`` only reports (nothing is
+    deleted before its replacement exists: the stage prunes after its work). ``keep_only``, a
+    set of file paths, treats rows of every other file as stale (``fresh``: the files this run
+    wrote replace all earlier ones).
     """
     summarized: set[str] = set()
     dropped = 0
     for path in run.table_files(OUTPUT):
         keep = []
+        current = keep_only is None or path in keep_only
         for row in pq.read_table(path, columns=KEY_COLUMNS, filesystem=run.fs).to_pylist():
             key = SummaryKey(**row)
-            ok = expected.get(key.item_id) == key and key.item_id not in summarized
+            ok = current and expected.get(key.item_id) == key and key.item_id not in summarized
             if ok:
                 summarized.add(key.item_id)
             keep.append(ok)
         if not all(keep):
             dropped += keep.count(False)
-            _rewrite(run, path, keep)
+            if prune:
+                _rewrite(run, path, keep)
     quarantined: set[str] = set()
     for path in run.table_files(QUARANTINE):
         keep = []
+        current = keep_only is None or path in keep_only
         for row in pq.read_table(path, columns=["key", "detail"], filesystem=run.fs).to_pylist():
             key = quarantine_key(row)
             ok = (
-                key is not None
+                current
+                and key is not None
                 and expected.get(key.item_id) == key
                 and key.item_id not in summarized
                 and key.item_id not in quarantined
@@ -412,7 +430,8 @@ def reconcile(run: RunDir, expected: dict[str, SummaryKey]) -> OutputState:
             keep.append(ok)
         if not all(keep):
             dropped += keep.count(False)
-            _rewrite(run, path, keep)
+            if prune:
+                _rewrite(run, path, keep)
     return OutputState(summarized, quarantined, dropped)
 
 
@@ -421,6 +440,26 @@ def read_item_summaries(run: RunDir, columns: list[str] | None = None) -> pa.Tab
     if not run.table_files(OUTPUT):
         return schema.empty(schema.ITEM_SUMMARIES)
     return run.read_table(OUTPUT, columns=columns)
+
+
+def _written_since(run: RunDir, path: str, since: float) -> bool:
+    mtime = run.fs.get_file_info(path).mtime
+    return mtime is not None and mtime.timestamp() >= since - 1.0
+
+
+def check_engine_model(cfg: ItemSummariesConfig, cache_dir: str) -> None:
+    """Fail before any work (and any deletion) when the engine's model cannot be found."""
+    from mllm_msr.tiny import resolve_model
+
+    try:
+        path = resolve_model(cfg.engine.model, str(Path(cache_dir).absolute()))
+    except Exception as exc:
+        raise ValueError(
+            f"item_summaries.engine.model={cfg.engine.model!r} cannot be loaded: {exc}"
+        ) from exc
+    looks_local = str(path).startswith(("/", "./", "../", "~"))
+    if looks_local and not Path(path).expanduser().exists():
+        raise ValueError(f"item_summaries.engine.model={cfg.engine.model!r}: {path} does not exist")
 
 
 # --------------------------------------------------------------------------- actors
@@ -571,8 +610,13 @@ def _summarize_with_ray(
     return {"processed": processed, "active_seconds": max(0.0, last_end - first_start)}
 
 
-def run_item_summaries(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
-    """Run (or skip, when complete) the item-summaries stage; returns its summary.
+def run_item_summaries(cfg: PipelineConfig, run: RunDir, log=print, fresh: bool = False) -> dict:
+    """Run the item-summaries stage (the pipeline decides when); returns its summary.
+
+    Items whose current key already has a summary are kept; ``fresh`` summarizes every item
+    again. Stale rows (and, when fresh, every earlier file) are removed only after the new rows
+    are written, and the engine's model is resolved before any work, so a failing run never
+    loses valid summaries.
 
     Summary keys: ``rows_in`` (items), ``rows_out`` (summaries), ``quarantined``, ``skipped``
     (items already summarized before this run), ``summarized`` (items done by this run),
@@ -580,10 +624,8 @@ def run_item_summaries(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
     phase, engine start-up included) and ``active_items_per_s`` (first batch start to last
     batch end: engine start-up excluded).
     """
-    if run.stage_done(STAGE):
-        log(f"[{STAGE}] complete, nothing to do")
-        return {**(run.stage_summary(STAGE) or {}), "already_complete": True}
     t0 = time.perf_counter()
+    t_start = time.time()
     s = cfg.item_summaries
     files = run.table_files("items")
     if not files:
@@ -594,7 +636,12 @@ def run_item_summaries(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
     duplicates = items.num_rows - len(expected)
     if duplicates:
         log(f"[{STAGE}] warning: {duplicates} duplicate item id rows in items/; first kept")
-    state = reconcile(run, expected)
+    if s.enabled:
+        check_engine_model(s, cfg.cache_dir)
+    before = set(run.table_files(OUTPUT)) | set(run.table_files(QUARANTINE))
+    state = reconcile(run, expected, prune=False)
+    if fresh:
+        state = OutputState(set(), set(), state.dropped)
     todo = set(expected) - state.done
     log(
         f"[{STAGE}] {len(expected)} items: {len(state.done)} already done, {len(todo)} to "
@@ -610,7 +657,12 @@ def run_item_summaries(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
         else:
             _summarize_in_driver(run, todo, s, log)
     work_seconds = time.perf_counter() - t_work
-    final = reconcile(run, expected)
+    keep_only = None
+    if fresh:  # this run's files replace all earlier ones (same names were rewritten)
+        now = set(run.table_files(OUTPUT)) | set(run.table_files(QUARANTINE))
+        rewritten = {p for p in now if p not in before or _written_since(run, p, t_start)}
+        keep_only = rewritten
+    final = reconcile(run, expected, keep_only=keep_only)
     missing = set(expected) - final.done
     if missing:
         raise RuntimeError(
@@ -635,7 +687,6 @@ def run_item_summaries(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
         ),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    run.mark_done(STAGE, summary)
     log(
         f"[{STAGE}] done: {summary['rows_out']} summaries, {summary['quarantined']} quarantined, "
         f"{summary['skipped']} skipped, {summary['seconds']:.1f} s"

@@ -97,9 +97,7 @@ def quarantine_unknown(run: RunDir, interactions: pa.Table, known: pa.Array) -> 
 
 
 def run_prepare(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
-    """Run (or skip, when complete) the prepare stage; returns its summary."""
-    if run.stage_done(STAGE):
-        return run.stage_summary(STAGE) or {}
+    """Run the prepare stage (the pipeline decides when); returns its summary."""
     import ray.data
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
@@ -118,6 +116,7 @@ def run_prepare(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
     seqs = with_splits(user_sequences(core), pcfg)
     split_users = Counter(seqs["split"].to_pylist())
     seqs = sample_split_users(seqs, pcfg.max_users, pcfg.seed)
+    check_not_empty(seqs, kc, inter.num_rows, pcfg)
     pool = np.array(sorted(pc.unique(core["item_id"]).to_pylist()), dtype=str)
     n_blocks = max(1, min(pcfg.num_blocks, seqs.num_rows))
     bounds = np.linspace(0, seqs.num_rows, n_blocks + 1).astype(int)
@@ -161,8 +160,26 @@ def run_prepare(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
         "seconds": round(time.perf_counter() - t0, 2),
     }
     log(format_summary(summary))
-    run.mark_done(STAGE, summary)
     return summary
+
+
+def check_not_empty(seqs: pa.Table, kc: Any, n_interactions: int, pcfg: Any) -> None:
+    """Raise when the protocol filters leave nothing to train or evaluate on, naming why."""
+    splits = Counter(seqs["split"].to_pylist()) if seqs.num_rows else Counter()
+    if kc.users_after == 0:
+        raise ValueError(
+            f"prepare: the ({pcfg.user_core}, {pcfg.item_core})-core leaves 0 users "
+            f"({kc.users_before} users, {kc.items_before} items, {n_interactions} known "
+            f"interactions before it): lower prepare.user_core / prepare.item_core or ingest "
+            f"more interactions"
+        )
+    empty = [s for s in ("train", "test") if splits.get(s, 0) == 0]
+    if pcfg.split == "user" and empty:
+        raise ValueError(
+            f"prepare: no {' and no '.join(empty)} users ({dict(splits)} after the "
+            f"({pcfg.user_core}, {pcfg.item_core})-core kept {kc.users_after} users): check "
+            f"prepare.split_ratios={pcfg.split_ratios} and prepare.max_users={pcfg.max_users}"
+        )
 
 
 def format_summary(s: dict) -> str:

@@ -43,6 +43,11 @@ RUN_NAME = "recommender"
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 STATE_FILE = "mllm_msr_state.json"
+FINGERPRINT_FILE = "train/fingerprint.json"
+"""What the checkpoints under ``train/`` were trained on (see :func:`checkpoint_fingerprint`)."""
+RESUMABLE_KEYS = ("max_steps", "log_every", "checkpoints_to_keep", "max_failures", "merge_adapter")
+"""Train settings a checkpoint may be resumed under when they change (``max_steps``: a rerun
+with more steps continues training)."""
 
 
 # =========================================================================== driver
@@ -79,6 +84,27 @@ def total_steps(train: TrainConfig, n_train: int) -> int:
     return train.epochs * steps_per_epoch(train, n_train)
 
 
+def table_digest(table: pa.Table) -> str:
+    """SHA-256 of a table's contents (Arrow IPC stream of its rows, in order)."""
+    import hashlib
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue()).hexdigest()
+
+
+def checkpoint_fingerprint(train: TrainConfig, samples: pa.Table) -> str:
+    """What a checkpoint must agree on to be resumed: every train setting that shapes the
+    weights (model, LoRA, learning rate, epochs, batch sizes, seeds, ZeRO stage, workers, ...)
+    and a hash of the SFT samples."""
+    import hashlib
+
+    settings = {k: v for k, v in dataclasses.asdict(train).items() if k not in RESUMABLE_KEYS}
+    blob = json.dumps({"train": settings, "samples": table_digest(samples)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
 def _shuffled(table: pa.Table, seed: int) -> pa.Table:
     import numpy as np
 
@@ -95,8 +121,10 @@ def run_train(
 ) -> dict:
     """Fine-tune the recommender; returns the stage summary (also the stage marker).
 
-    ``fresh`` deletes earlier checkpoints of this run first (otherwise training resumes from the
-    latest one). ``fail_once_at_step`` is fault injection for tests: the last rank's process exits
+    ``fresh`` deletes earlier checkpoints of this run first. Otherwise training resumes from
+    the latest checkpoint only when it was made from the same samples and settings
+    (:func:`checkpoint_fingerprint`); checkpoints of anything else are removed and training
+    starts over. The exported adapter of an earlier run stays until the new one replaces it. ``fail_once_at_step`` is fault injection for tests: the last rank's process exits
     once when it reaches that optimizer step (a flag file in a local run directory makes it
     once), and ``FailureConfig`` restarts the run from the last checkpoint.
     """
@@ -111,14 +139,18 @@ def run_train(
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     os.environ.setdefault("MLLM_MSR_CACHE", cache_dir)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(cache_dir) / "torch_extensions"))
-    if fresh:
-        for part in ("train", ADAPTER_DIR, MERGED_DIR):
-            run.remove(part)
-        run.clear_stage("train")
-
     samples, quarantined, stats = load_samples(cfg, run)
+    run.remove("quarantine/train")
     if quarantined.num_rows:
         run.write_table("quarantine/train", quarantined)
+    ckpt_fp = checkpoint_fingerprint(train, samples)
+    previous = run.read_json(FINGERPRINT_FILE) if run.exists(FINGERPRINT_FILE) else None
+    if fresh or (run.exists("train") and (previous or {}).get("fingerprint") != ckpt_fp):
+        why = "forced" if fresh else "they were trained on other samples or settings"
+        if run.exists("train"):
+            log(f"[train] starting fresh: removing earlier checkpoints ({why})")
+        run.remove("train")
+    run.write_json(FINGERPRINT_FILE, {"fingerprint": ckpt_fp})
     train_rows = samples.filter(pc.equal(samples["split"], "train"))
     val_rows = samples.filter(pc.equal(samples["split"], "val"))
     n_steps = total_steps(train, train_rows.num_rows)
@@ -146,6 +178,7 @@ def run_train(
         "total_steps": n_steps,
         "has_val": "val" in datasets,
         "steps_per_epoch": per_epoch,
+        "fingerprint": ckpt_fp,
         "fail_once": None
         if fail_once_at_step is None
         else {"step": fail_once_at_step, "flag": run.path("train", "_injected_failure")},
@@ -221,7 +254,6 @@ def run_train(
         "checkpoint": result.checkpoint.path,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    run.mark_done("train", summary)
     log(
         f"[train] {summary['steps']} steps, loss {summary['first_loss']} -> "
         f"{summary['final_loss']}, {summary['seconds']} s"
@@ -253,16 +285,6 @@ def _load_model(path: str, bf16: bool):
     model = auto.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
     model.config.use_cache = False
     return model
-
-
-def _fingerprint(train: TrainConfig) -> dict:
-    """What a checkpoint must agree on to be resumed."""
-    return {
-        "model": train.model,
-        "lora": dataclasses.asdict(train.lora),
-        "zero_stage": train.zero.stage,
-        "num_workers": train.num_workers,
-    }
 
 
 def _frozen_checksum(model) -> float:
@@ -382,7 +404,7 @@ def train_loop(config: dict) -> dict | None:
         "shortened": 0,
         "attempts": 0,
         "resumed_from": [],
-        "fingerprint": _fingerprint(train),
+        "fingerprint": config["fingerprint"],
     }
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -391,7 +413,7 @@ def train_loop(config: dict) -> dict | None:
             if saved["fingerprint"] != state["fingerprint"]:
                 raise ValueError(
                     f"checkpoint in the run's train/ folder was made with {saved['fingerprint']}, "
-                    f"not {state['fingerprint']}: rerun with fresh=True"
+                    f"not {state['fingerprint']}: rerun with --force train"
                 )
             ds.load_checkpoint(engine, d)
         state.update(saved)

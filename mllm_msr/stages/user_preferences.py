@@ -583,20 +583,26 @@ def _cache_dir(cfg: PipelineConfig) -> str | None:
     return str(Path(cfg.cache_dir).absolute()) if cfg.cache_dir else None
 
 
-def run_user_preferences(cfg: PipelineConfig, run: RunDir) -> dict[str, Any]:
+def run_user_preferences(cfg: PipelineConfig, run: RunDir, fresh: bool = False) -> dict[str, Any]:
     """Run the stage: ``sequences/`` (+ ``items/``, ``item_summaries/``) → ``preferences/``.
 
-    Returns the summary (also written as the stage marker): ``rows_in`` sequences =
-    ``rows_out`` users with a final state + ``quarantined`` users.
+    Returns the summary (written into the stage's completion record by the pipeline):
+    ``rows_in`` sequences = ``rows_out`` users with a final state + ``quarantined`` users.
+    States whose inputs are unchanged are reused; ``fresh`` recomputes every state. Stale parts
+    are removed only after the new ones are written.
     """
     t0 = time.perf_counter()
     up = cfg.user_preferences
-    run.clear_stage(STAGE)  # preferences/ is incomplete until this run's marker is written
     sequences = run.read_table("sequences", columns=["user_id", "split", "history", "target"])
     titles = _lookup_items(run)
     summaries = _lookup_summaries(run) if up.use_item_summaries else {}
-    plan = plan_users(sequences, titles, summaries, stored_states(run, up), up)
+    stored = {} if fresh else stored_states(run, up)
+    plan = plan_users(sequences, titles, summaries, stored, up)
     existing = {f.rsplit("/", 1)[-1][: -len(".parquet")] for f in run.table_files(TABLE)}
+    if fresh:
+        existing_before, existing = existing, set()
+    else:
+        existing_before = existing
     todo = [(n, w) for n, w in plan.batches if n not in existing]
     # Batches whose users all have their final state already are copied without an engine.
     copy_only = [(n, w) for n, w in todo if all(x.start == len(x.items) for x in w)]
@@ -610,7 +616,7 @@ def run_user_preferences(cfg: PipelineConfig, run: RunDir) -> dict[str, Any]:
     if engine_batches:
         stats.add(_run_batches_on_ray(cfg, run, engine_batches))
     planned = {n for n, _ in plan.batches}
-    stale = sorted(p for p in existing if p not in planned)
+    stale = sorted(p for p in existing_before if p not in planned)
     for name in stale:
         run.remove(TABLE, f"{name}.parquet")
     _write_quarantine(run, plan.quarantine)
@@ -647,7 +653,6 @@ def run_user_preferences(cfg: PipelineConfig, run: RunDir) -> dict[str, Any]:
     if summary["rows_in"] != summary["rows_out"] + summary["quarantined"]:
         raise RuntimeError(f"row counts do not add up: {summary}")
     log.info("user preferences: %s", summary)
-    run.mark_done(STAGE, summary)
     return summary
 
 
@@ -671,10 +676,10 @@ def _check_output(out: pa.Table) -> int:
 
 
 def _write_quarantine(run: RunDir, rows: list[dict[str, Any]]) -> None:
-    name = f"{STAGE}.parquet"
+    """``quarantine/user_preferences/`` holds this run's quarantine rows, nothing else."""
+    table_dir = f"quarantine/{STAGE}"
+    run.remove("quarantine", f"{STAGE}.parquet")  # where versions before 0.2 wrote it
     if rows:
-        run.write_table(
-            "quarantine", pa.Table.from_pylist(rows, schema=schema.QUARANTINE), name=STAGE
-        )
-    elif run.exists("quarantine", name):
-        run.remove("quarantine", name)
+        run.write_table(table_dir, pa.Table.from_pylist(rows, schema=schema.QUARANTINE))
+    else:
+        run.remove(table_dir)
