@@ -69,7 +69,12 @@ def test_prompt_version_is_part_of_the_fingerprint(tmp_path, monkeypatch):
 
 def test_downstream_follows_the_inputs():
     assert downstream("prepare") == ["prepare", "user_preferences", "train", "evaluate"]
-    assert downstream("item_summaries") == ["item_summaries", "user_preferences", "train", "evaluate"]
+    assert downstream("item_summaries") == [
+        "item_summaries",
+        "user_preferences",
+        "train",
+        "evaluate",
+    ]
     assert downstream("evaluate") == ["evaluate"]
     assert all(set(STAGES[s].inputs) < set(STAGES) for s in STAGES)
 
