@@ -153,8 +153,20 @@ def test_expected_keys_first_duplicate_wins():
     )
     keys = stage.expected_keys(items, cfg)
     assert set(keys) == {"a", "b"}
-    assert keys["a"] == SummaryKey("a", "hx", cfg.engine.model, "item_summary/v1")
+    assert keys["a"] == SummaryKey("a", "hx", stage.model_name(cfg), "item_summary/v1")
     assert keys["b"].prompt_version == prompts.prompt_version("item_text_summary")
+
+
+def test_model_name_changes_with_the_generation_settings():
+    cfg = PipelineConfig().item_summaries
+    name = stage.model_name(cfg)
+    assert name.startswith(cfg.engine.model + "@")
+    longer = PipelineConfig().item_summaries
+    longer.sampling.max_new_tokens += 1
+    assert stage.model_name(longer) != name
+    faster = PipelineConfig().item_summaries
+    faster.pool.concurrency = 4  # how fast, not what: same summaries
+    assert stage.model_name(faster) == name
 
 
 def test_quarantine_row_round_trips_its_key():
