@@ -39,6 +39,12 @@ QUARANTINE = pa.schema(
     ]
 )
 
+
+def quarantine_row(stage: str, source: str, key: str, reason: str, detail: str) -> dict[str, str]:
+    """One ``QUARANTINE`` row: every stage builds its rows here, under ``quarantine/<stage>/``."""
+    return {"stage": stage, "source": source, "key": key, "reason": reason, "detail": detail}
+
+
 # prepare --------------------------------------------------------------------------------
 SEQUENCES = pa.schema(
     [

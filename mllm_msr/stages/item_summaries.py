@@ -154,13 +154,7 @@ def part_name(keys: Iterable[SummaryKey]) -> str:
 def quarantine_row(key: SummaryKey, reason: str, detail: str) -> dict[str, str]:
     """A ``QUARANTINE`` row; the key is appended to ``detail`` so reruns can skip the item."""
     payload = json.dumps([key.image_hash, key.model, key.prompt_version])
-    return {
-        "stage": STAGE,
-        "source": "items",
-        "key": key.item_id,
-        "reason": reason,
-        "detail": f"{detail} key={payload}",
-    }
+    return schema.quarantine_row(STAGE, "items", key.item_id, reason, f"{detail} key={payload}")
 
 
 def quarantine_key(row: dict[str, Any]) -> SummaryKey | None:

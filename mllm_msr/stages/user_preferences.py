@@ -398,13 +398,7 @@ def stored_states(run: RunDir, up: UserPreferencesConfig) -> dict[str, list[Stat
 
 
 def _quarantine_row(user_id: str, reason: str, detail: str) -> dict[str, Any]:
-    return {
-        "stage": STAGE,
-        "source": "sequences",
-        "key": user_id,
-        "reason": reason,
-        "detail": detail,
-    }
+    return schema.quarantine_row(STAGE, "sequences", user_id, reason, detail)
 
 
 def plan_users(
