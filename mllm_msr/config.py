@@ -121,6 +121,15 @@ class IngestConfig:
     http_timeout_s: float = 10.0
     http_retries: int = 2
     http_concurrency: int = 8
+    http_deadline_s: float = 30.0
+    """Wall-clock limit of one image URL fetch: DNS, connects, redirects, retries and the body
+    together (``http_timeout_s`` only bounds each socket operation, which a server sending a byte
+    at a time never trips). A fetch cut by it is quarantined as ``fetch_timeout``."""
+    http_allow_hosts: list[str] = field(default_factory=list)
+    """Host names (``images.internal``, ``localhost``) or IP networks (``127.0.0.1``,
+    ``10.0.0.0/8``) that image URLs may reach although they are not public. Empty (the default):
+    a URL or redirect whose host resolves to a loopback, private, link-local, multicast, reserved
+    or otherwise non-global address is quarantined as ``blocked_address``."""
     demo_users: int = 300
     demo_items: int = 120
     demo_seed: int = 0

@@ -70,22 +70,32 @@ def _own_ancestors() -> set[int]:
     return pids
 
 
+def _marked(proc: psutil.Process, cluster_id: str, uid: int) -> bool:
+    """A process of user ``uid`` whose environment carries ``cluster_id``."""
+    try:
+        return proc.uids().real == uid and proc.environ().get(MARKER_VAR) == cluster_id
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
 def cluster_processes(root_pid: int, cluster_id: str) -> list[psutil.Process]:
-    """The root, its descendants and every process of this user marked with ``cluster_id``."""
+    """The root and its descendants, and every process of this user marked with ``cluster_id``.
+
+    The root's tree counts only while the root itself carries the marker: a recorded PID that
+    now belongs to another process (the cluster died and the PID was reused) is left alone.
+    """
     found: dict[int, psutil.Process] = {}
+    uid = os.getuid()
     try:
         root = psutil.Process(root_pid)
-        found[root.pid] = root
-        found.update((p.pid, p) for p in root.children(recursive=True))
+        if _marked(root, cluster_id, uid):
+            found[root.pid] = root
+            found.update((p.pid, p) for p in root.children(recursive=True))
     except psutil.NoSuchProcess:
         pass
-    uid = os.getuid()
     for proc in psutil.process_iter():
-        try:
-            if proc.uids().real == uid and proc.environ().get(MARKER_VAR) == cluster_id:
-                found[proc.pid] = proc
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
+        if _marked(proc, cluster_id, uid):
+            found[proc.pid] = proc
     for pid in _own_ancestors():
         found.pop(pid, None)
     return [p for p in found.values() if _alive(p)]

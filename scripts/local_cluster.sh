@@ -18,13 +18,22 @@
 # current directory is inside the Ray temp dir: give it absolute run_dir/cache_dir paths, or an
 # object-store URI (run_dir=s3://...), as DEFAULT_CMD does.
 #
-# Safety: the dashboard and job API listen on 127.0.0.1 only; Ray's own ports (GCS, raylet,
-# object manager) listen on all interfaces, which is why token authentication is on
-# (RAY_AUTH_MODE=token for `ray start` and for every CLI call). Token auth does not encrypt
-# traffic: never expose these ports to the internet. The token is generated here, into a file
-# readable only by you under the state dir (outside the repository); nothing reads or writes
-# ~/.ray/auth_token, and a RAY_AUTH_TOKEN already in your environment is ignored so that the
-# token of the cluster and of the CLI are always the same one.
+# Safety: every port of the cluster listens on 127.0.0.1 only: the dashboard and job API
+# (--dashboard-host), and Ray's own ports (GCS, raylet, object manager, workers, agents, Ray
+# client, metrics export) because the node IP is the loopback address. `ray start
+# --node-ip-address=127.0.0.1` alone is not enough on Linux: Ray replaces a loopback node IP by
+# the host's primary address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (its single-node mode),
+# which is therefore set for `ray start` (every process of the cluster inherits it) and for every
+# CLI call (`env` prints it too). Token authentication is on as well (RAY_AUTH_MODE=token for
+# `ray start` and for every CLI call): other local users can reach loopback ports. Token auth
+# does not encrypt traffic. The token is generated here, into a file readable only by you under
+# the state dir (outside the repository); nothing reads or writes ~/.ray/auth_token, and a
+# RAY_AUTH_TOKEN already in your environment is ignored so that the token of the cluster and of
+# the CLI are always the same one.
+#
+# The state dir must be yours alone: an existing one is refused unless it is a directory (not a
+# symlink) owned by you with mode 700, and its state file is read as KEY=VALUE data (known keys,
+# checked values), never sourced.
 #
 # `stop` never runs `ray stop` (which kills every Ray process on the host, other users' clusters
 # included): it stops the `ray start --block` process it recorded and its process tree (see
@@ -32,7 +41,8 @@
 #
 # Settings (environment variables):
 #   MLLM_MSR_RAY_DIR          state dir: token, logs, Ray temp dir (default
-#                             ${TMPDIR:-/tmp}/mllm-msr-ray-$UID). Keep it short: Ray's Unix
+#                             ${TMPDIR:-/tmp}/mllm-msr-ray-$UID; created with mode 700, refused
+#                             when not yours or not mode 700). Keep it short: Ray's Unix
 #                             sockets live under it and their paths must stay under 107 bytes.
 #   MLLM_MSR_RAY_NUM_CPUS     CPUs the node offers (default: all)
 #   MLLM_MSR_RAY_NUM_GPUS     GPUs the node offers (default: auto-detected)
@@ -46,7 +56,7 @@
 #                             as `ray stop` does; running jobs are killed either way)
 set -euo pipefail
 
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DIR=${MLLM_MSR_RAY_DIR:-${TMPDIR:-/tmp}/mllm-msr-ray-$(id -u)}
 STATE=$DIR/cluster.env
 if [ -x "$REPO/.venv/bin/ray" ]; then
@@ -64,11 +74,60 @@ DEFAULT_CMD=(python jobs/pipeline.py --config configs/demo-cpu.yaml
 
 die() { echo "local_cluster: $*" >&2; exit 1; }
 
-load_state() {
+# The state dir holds the token and the state file that tells `stop` which processes to kill:
+# it must be ours alone. Its default path is predictable (another local user could create it
+# first, or plant files in it), so an existing dir is used only when it is a real directory (not
+# a symlink), owned by us, with mode 700; it is never "fixed" with chmod, since whatever is in it
+# may already have been tampered with.
+check_state_dir() {
+  [ -e "$DIR" ] || [ -L "$DIR" ] || return 0
+  local mode
+  mode=$(stat -c %a "$DIR" 2>/dev/null || stat -f %Lp "$DIR" 2>/dev/null || echo '?')
+  [ ! -L "$DIR" ] || die "state dir $DIR is a symlink: refusing it (set MLLM_MSR_RAY_DIR)"
+  [ -d "$DIR" ] || die "state dir $DIR is not a directory (set MLLM_MSR_RAY_DIR)"
+  [ -O "$DIR" ] || die "state dir $DIR is not owned by you (uid $(id -u)): refusing to use it" \
+    "(someone else may have created it; set MLLM_MSR_RAY_DIR to a dir of your own)"
+  [ -n "$(find "$DIR" -maxdepth 0 -perm 0700)" ] || die "state dir $DIR has mode $mode, not 700:" \
+    "others may have written to it. Check its contents, then chmod 700 it (or remove it)"
+}
+
+# The state file is data, never code: KEY=VALUE lines, keys from a fixed list, each value
+# checked against a pattern and assigned without any shell evaluation.
+STATE_KEYS="RAY_PID CLUSTER_ID DASHBOARD_URL GCS_PORT TOKEN_FILE"
+state_value_ok() {
+  case "$1" in
+    RAY_PID | GCS_PORT) [[ $2 =~ ^[0-9]{1,10}$ ]] ;;
+    CLUSTER_ID) [[ $2 =~ ^[0-9a-f]{32}$ ]] ;;
+    DASHBOARD_URL) [[ $2 =~ ^http://127\.0\.0\.1:[0-9]{1,5}$ ]] ;;
+    TOKEN_FILE) [ "$2" = "$DIR/auth_token" ] ;;
+    *) return 1 ;;
+  esac
+}
+
+read_state() {
+  check_state_dir
   [ -f "$STATE" ] || die "no cluster recorded in $DIR (run: $0 start)"
-  # shellcheck disable=SC1090
-  source "$STATE"
-  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN_FILE
+  local line key value n=0 seen=" " k
+  while IFS= read -r line || [ -n "$line" ]; do
+    n=$((n + 1))
+    [ -n "$line" ] || continue
+    [[ $line == *=* ]] || die "$STATE line $n: not KEY=VALUE"
+    key=${line%%=*} value=${line#*=}
+    [[ $key =~ ^[A-Z_]+$ && " $STATE_KEYS " == *" $key "* ]] ||
+      die "$STATE line $n: unknown key $(printf %q "$key")"
+    state_value_ok "$key" "$value" ||
+      die "$STATE line $n: invalid value for $key: $(printf %q "$value")"
+    printf -v "$key" '%s' "$value"
+    seen="$seen$key "
+  done < "$STATE"
+  for k in $STATE_KEYS; do
+    [[ $seen == *" $k "* ]] || die "$STATE: $k is missing"
+  done
+}
+
+load_state() {
+  read_state
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN_FILE RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
   unset RAY_AUTH_TOKEN RAY_ADDRESS RAY_API_SERVER_ADDRESS
 }
 
@@ -80,8 +139,12 @@ cmd_start() {
     if running; then echo "already running: $DASHBOARD_URL (pid $RAY_PID)"; return 0; fi
     rm -f "$STATE"
   fi
-  mkdir -p "$DIR"
-  chmod 700 "$DIR"
+  check_state_dir
+  if [ ! -d "$DIR" ]; then
+    mkdir -p "$(dirname "$DIR")"
+    mkdir -m 700 "$DIR" || die "cannot create the state dir $DIR"
+    check_state_dir  # it did not exist a moment ago: make sure it is the one we created
+  fi
   local token_file=$DIR/auth_token
   if [ ! -s "$token_file" ]; then
     (umask 077 && "$PY" -c 'import secrets; print(secrets.token_hex(32))' > "$token_file")
@@ -93,7 +156,7 @@ cmd_start() {
   fi
   local cluster_id
   cluster_id=$("$PY" -c 'import uuid; print(uuid.uuid4().hex)')
-  local args=(start --head --block
+  local args=(start --head --block --node-ip-address=127.0.0.1
     --port="$port" --ray-client-server-port="$cport"
     --dashboard-host=127.0.0.1 --dashboard-port="$dport" --dashboard-agent-listen-port="$aport"
     --temp-dir="$DIR/ray"
@@ -106,11 +169,11 @@ cmd_start() {
   local t0=$SECONDS
   # The marker variable is inherited by every process of the cluster; `stop` looks for it.
   env -u RAY_AUTH_TOKEN -u RAY_ADDRESS RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$token_file" \
-    MLLM_MSR_RAY_CLUSTER_ID="$cluster_id" \
+    MLLM_MSR_RAY_CLUSTER_ID="$cluster_id" RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
     RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${MLLM_MSR_RAY_DRAIN_S:-0}" \
     nohup "${detach[@]}" "$BIN/ray" "${args[@]}" > "$DIR/ray-start.log" 2>&1 < /dev/null &
   local pid=$!
-  cat > "$STATE" <<EOF
+  (umask 077 && cat > "$STATE") <<EOF
 RAY_PID=$pid
 CLUSTER_ID=$cluster_id
 DASHBOARD_URL=http://127.0.0.1:$dport
@@ -170,6 +233,7 @@ cmd_env() {
   load_state
   printf 'export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=%q RAY_API_SERVER_ADDRESS=%q\n' \
     "$TOKEN_FILE" "$DASHBOARD_URL"
+  echo 'export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0'
   echo 'unset RAY_AUTH_TOKEN'
 }
 
@@ -182,7 +246,10 @@ cmd_stop() {
   echo "stopped in $((SECONDS - t0)) s (logs kept in $DIR/ray)"
 }
 
-case "${1:-}" in
-  start | submit | logs | status | list | env | stop) c=$1; shift; "cmd_$c" "$@" ;;
-  *) sed -n '2,13p' "$0" >&2; exit 2 ;;
-esac
+# Sourced (the tests call read_state), the script only defines its functions.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  case "${1:-}" in
+    start | submit | logs | status | list | env | stop) c=$1; shift; "cmd_$c" "$@" ;;
+    *) sed -n '2,13p' "$0" >&2; exit 2 ;;
+  esac
+fi

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mllm_msr.config import IngestConfig, config_from_dict
+from mllm_msr.config import ConfigError, IngestConfig, config_from_dict
 from mllm_msr.data.ingest.amazon import parse_meta, parse_reviews
 from mllm_msr.data.ingest.common import (
     RAW_ITEM_ROWS,
@@ -100,14 +100,36 @@ def microlens_root(tmp_path):
     return root
 
 
+REDIRECTS = {"/to-ok.png": "/ok.png", "/to-metadata.png": "http://169.254.169.254/latest/"}
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
+    requests: list[str] = []  # paths asked, in order (reset by the fixture)
+
     def do_GET(self):  # noqa: N802
+        _Handler.requests.append(self.path)
         if self.path == "/slow.png":
             time.sleep(2.0)
         body = {"/ok.png": png(), "/slow.png": png(), "/corrupt.jpg": b"GIF89a garbage"}.get(
             self.path
         )
         try:
+            if self.path in REDIRECTS:
+                self.send_response(302)
+                self.send_header("Location", REDIRECTS[self.path])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if self.path == "/drip.png":  # a valid answer, one byte every 0.5 s
+                data = png()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                for i in range(min(len(data), 40)):
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.5)
+                return
             if body is None:
                 self.send_error(404)
                 return
@@ -124,6 +146,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def image_server():
+    _Handler.requests = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -217,6 +240,7 @@ def test_image_loader_urls_timeouts_404_and_corrupt(image_server, tmp_path):
             "ingest": {
                 "http_timeout_s": 0.5,
                 "http_retries": 1,
+                "http_allow_hosts": ["127.0.0.1"],  # the test server is on loopback
                 "max_images_per_item": 8,
                 "images": IMAGES,
             }
@@ -242,6 +266,48 @@ def test_image_loader_urls_timeouts_404_and_corrupt(image_server, tmp_path):
         "fetch_failed",
         "http_error",
     ]
+
+
+def _image_loader(**ingest) -> ImageLoader:
+    cfg = config_from_dict({"ingest": {"images": IMAGES, "max_images_per_item": 8, **ingest}})
+    return ImageLoader(cfg.ingest, None, "urls")
+
+
+def _load(loader: ImageLoader, refs: list[str]) -> tuple[list[dict], list[str]]:
+    """(kept item rows, sorted quarantine reasons) of one item with image ``refs``."""
+    raw = rows_table([item_row("p", "t", "", refs, "items:m", loader.cfg)], RAW_ITEM_ROWS)
+    out = loader(raw).to_pylist()
+    kept = [r for r in out if r["q_reason"] is None]
+    return kept, sorted(r["q_reason"] for r in out if r["q_reason"])
+
+
+def test_image_loader_cuts_a_drip_fed_fetch_at_the_deadline(image_server):
+    loader = _image_loader(
+        http_timeout_s=2.0,  # never trips: a byte arrives every 0.5 s
+        http_deadline_s=1.0,
+        http_retries=2,
+        http_allow_hosts=["127.0.0.1"],
+    )
+    t0 = time.monotonic()
+    kept, reasons = _load(loader, [f"{image_server}/drip.png", f"{image_server}/ok.png"])
+    assert time.monotonic() - t0 < 1.0 + 0.75
+    assert reasons == ["fetch_timeout"]
+    assert len(kept) == 1 and len(kept[0]["images"]) == 1
+
+
+def test_image_loader_refuses_loopback_and_redirects_to_blocked_addresses(image_server):
+    kept, reasons = _load(_image_loader(), [f"{image_server}/ok.png"])  # no allowlist
+    assert reasons == ["blocked_address"] and kept[0]["images"] == []
+    assert _Handler.requests == []  # refused before any connection
+
+    allowed = _image_loader(http_allow_hosts=["127.0.0.1"])
+    t0 = time.monotonic()
+    refs = [f"{image_server}/to-metadata.png", f"{image_server}/to-ok.png"]
+    kept, reasons = _load(allowed, refs)
+    assert reasons == ["blocked_address"] and len(kept[0]["images"]) == 1
+    assert time.monotonic() - t0 < 1.0  # 169.254.169.254 was never contacted
+    with pytest.raises(ConfigError):
+        _image_loader(http_allow_hosts=["not a host name"])
 
 
 def test_amazon_parsers(amazon_root):
@@ -342,6 +408,7 @@ def test_amazon_stage_fetches_urls_with_failures(ray_local, tmp_path, amazon_roo
         "root": str(amazon_root),
         "http_timeout_s": 0.5,
         "http_retries": 1,
+        "http_allow_hosts": ["127.0.0.1"],  # the test server is on loopback
         "http_concurrency": 4,
         "images": IMAGES,
     }

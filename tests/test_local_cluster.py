@@ -1,10 +1,14 @@
 """The local cluster flow end to end: ``scripts/local_cluster.sh`` start -> submit -> stop.
 
-A head node with token authentication starts in a temp dir on free ports; the job API refuses
-requests without the token; ``ray job submit --working-dir`` runs the whole pipeline job on a
-reduced CPU demo (every stage: vLLM summaries, Ray Train, scoring) to SUCCEEDED; its logs,
-outputs and ``metrics.json`` are checked; ``stop`` leaves no process of this cluster behind (and
-never runs ``ray stop``). ``STAGES`` can restrict the job to some stages while developing.
+A head node with token authentication starts in a temp dir on free ports; every port of the
+cluster listens on loopback only; the job API refuses requests without the token; ``ray job
+submit --working-dir`` runs the whole pipeline job on a reduced CPU demo (every stage: vLLM
+summaries, Ray Train, scoring) to SUCCEEDED; its logs, outputs and ``metrics.json`` are checked;
+``stop`` leaves no process of this cluster behind (and never runs ``ray stop``). ``STAGES`` can
+restrict the job to some stages while developing.
+
+The fast tests check the script's state handling without Ray: a state dir that is not ours or
+not mode 700 is refused, and the state file is read as data (a planted ``$(...)`` never runs).
 """
 
 from __future__ import annotations
@@ -70,6 +74,172 @@ def _state(state_dir: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in lines if "=" in line)
 
 
+# --------------------------------------------------------------------------- fast: state handling
+
+CLUSTER_ID = "ab" * 16
+
+
+def _bash(code: str, state_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in bash with the script's functions loaded (sourcing it runs no command)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    full_env.update(MLLM_MSR_RAY_DIR=str(state_dir), **env)
+    return subprocess.run(
+        ["bash", "-c", f'source "$1"; {code}', "bash", str(SCRIPT), *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _read_state(state_dir: Path) -> subprocess.CompletedProcess:
+    fields = '"$RAY_PID" "$CLUSTER_ID" "$DASHBOARD_URL" "$GCS_PORT" "$TOKEN_FILE"'
+    return _bash(f"read_state; printf '%s\\n' {fields}", state_dir)
+
+
+def _write_state(state_dir: Path, extra: str = "", **values: str) -> Path:
+    state = {
+        "RAY_PID": "4242",
+        "CLUSTER_ID": CLUSTER_ID,
+        "DASHBOARD_URL": "http://127.0.0.1:8265",
+        "GCS_PORT": "6379",
+        "TOKEN_FILE": f"{state_dir}/auth_token",
+        **values,
+    }
+    path = state_dir / "cluster.env"
+    path.write_text("".join(f"{k}={v}\n" for k, v in state.items()) + extra)
+    return path
+
+
+@pytest.fixture
+def state_dir(tmp_path) -> Path:
+    path = tmp_path / "c"
+    path.mkdir(mode=0o700)
+    path.chmod(0o700)
+    return path
+
+
+def test_state_file_is_read_as_data(state_dir):
+    _write_state(state_dir)
+    out = _read_state(state_dir)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [
+        "4242",
+        CLUSTER_ID,
+        "http://127.0.0.1:8265",
+        "6379",
+        f"{state_dir}/auth_token",
+    ]
+    env = _bash('"cmd_env"', state_dir)
+    assert env.returncode == 0, env.stderr
+    assert "RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265" in env.stdout
+    assert "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in env.stdout  # loopback node IP
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "CLUSTER_ID=$(touch {marker})",
+        "RAY_PID=1; touch {marker}",
+        "TOKEN_FILE=`touch {marker}`",
+        "DASHBOARD_URL=http://127.0.0.1:1$(touch {marker})",
+        "GCS_PORT=6379 $(touch {marker})",
+        "touch {marker}",
+        "$(touch {marker})=1",
+        "BASH_ENV={marker}",
+        "PATH=/tmp",
+    ],
+)
+def test_a_planted_state_file_is_refused_and_never_run(state_dir, tmp_path, planted):
+    marker = tmp_path / "pwned"
+    _write_state(state_dir, extra=planted.format(marker=marker) + "\n")
+    for run in (
+        lambda: _read_state(state_dir),
+        lambda: _run(["stop"], {**os.environ, "MLLM_MSR_RAY_DIR": str(state_dir)}, timeout=60),
+    ):
+        out = run()
+        assert out.returncode != 0 and "local_cluster:" in out.stderr, out.stdout + out.stderr
+        assert "cluster.env line 6" in out.stderr, out.stderr
+        assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"RAY_PID": "12abc"},
+        {"CLUSTER_ID": "not-hex"},
+        {"DASHBOARD_URL": "http://0.0.0.0:8265"},
+        {"TOKEN_FILE": "/home/someone/else/token"},
+    ],
+)
+def test_invalid_state_values_are_refused(state_dir, values):
+    _write_state(state_dir, **values)
+    out = _read_state(state_dir)
+    assert out.returncode != 0 and "invalid value for" in out.stderr, out.stderr
+
+
+def test_a_state_dir_with_mode_0755_is_refused(state_dir):
+    _write_state(state_dir)
+    state_dir.chmod(0o755)
+    out = _read_state(state_dir)
+    assert out.returncode != 0 and "has mode 755, not 700" in out.stderr, out.stderr
+    (state_dir / "cluster.env").unlink()
+    # `start` refuses before it writes anything (a bad port would stop Ray at once anyway).
+    env = {**os.environ, "MLLM_MSR_RAY_DIR": str(state_dir), "MLLM_MSR_RAY_PORT": "x"}
+    started = _run(["start"], {**env, "MLLM_MSR_RAY_START_TIMEOUT": "1"}, timeout=60)
+    assert started.returncode != 0 and "not 700" in started.stderr, started.stderr
+    assert list(state_dir.iterdir()) == []
+
+
+def test_a_state_dir_of_another_user_or_a_symlink_is_refused(state_dir, tmp_path):
+    _write_state(state_dir)
+    link = tmp_path / "link"
+    link.symlink_to(state_dir)
+    out = _read_state(link)
+    assert out.returncode != 0 and "is a symlink" in out.stderr, out.stderr
+    if os.geteuid() == 0:
+        os.chown(state_dir, 65534, 65534)  # nobody
+        foreign = state_dir
+    else:
+        foreign = Path("/")  # root's
+        assert foreign.stat().st_uid != os.geteuid()
+    out = _read_state(foreign)
+    assert out.returncode != 0 and "is not owned by you" in out.stderr, out.stderr
+
+
+def test_stop_leaves_a_recorded_pid_alone_without_the_cluster_marker():
+    """A recorded PID that now belongs to another process (PID reuse) is not stopped."""
+    helper = _helper()
+    env = {k: v for k, v in os.environ.items() if k != helper.MARKER_VAR}
+    stranger = subprocess.Popen(["sleep", "30"], env=env)
+    ours = subprocess.Popen(["sleep", "30"], env={**env, helper.MARKER_VAR: CLUSTER_ID})
+    try:
+        assert helper.cluster_processes(stranger.pid, CLUSTER_ID) == [
+            p for p in helper.cluster_processes(ours.pid, CLUSTER_ID) if p.pid == ours.pid
+        ]
+        assert [p.pid for p in helper.cluster_processes(stranger.pid, CLUSTER_ID)] == [ours.pid]
+        helper.stop(stranger.pid, CLUSTER_ID, grace_s=5)
+        assert ours.wait(timeout=10) is not None
+        assert stranger.poll() is None  # still running
+    finally:
+        for proc in (stranger, ours):
+            proc.kill()
+            proc.wait()
+
+
+# --------------------------------------------------------------------------- slow: a real cluster
+
+
+def _listening_addresses(pids: set[int]) -> set[str]:
+    import psutil
+
+    return {
+        c.laddr.ip
+        for c in psutil.net_connections("inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    }
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_local_cluster_token_auth_submit_and_stop() -> None:
@@ -90,6 +260,7 @@ def test_local_cluster_token_auth_submit_and_stop() -> None:
         start_s = time.monotonic() - t0
         assert started.returncode == 0, started.stdout + started.stderr
         state = _state(state_dir)
+        assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
 
         # Token auth: a file only we can read, outside the repository; ~/.ray is left alone.
         token_file = Path(state["TOKEN_FILE"])
@@ -115,15 +286,29 @@ def test_local_cluster_token_auth_submit_and_stop() -> None:
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
         assert f"Job '{job_id}' succeeded" in submitted.stdout + submitted.stderr
 
+        # Every port of the cluster (GCS, raylet, workers, agents, dashboard, metrics) listens
+        # on loopback only.
+        pids = {p.pid for p in helper.cluster_processes(int(state["RAY_PID"]), state["CLUSTER_ID"])}
+        listening = _listening_addresses(pids)
+        assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
+
         # `status` and `logs` through the script, and a tokenless `ray status` straight to the
-        # GCS (which listens on every interface), side by side: each is a CLI start-up.
+        # GCS (other local users can reach it), side by side: each is a CLI start-up. The CLI
+        # needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 like the script's calls: without it Ray
+        # replaces 127.0.0.1 by the host's primary address, where nothing listens.
         ray_cli = str(Path(sys.executable).with_name("ray"))
         tokenless = [ray_cli, "status", "--address", f"127.0.0.1:{state['GCS_PORT']}"]
+        tokenless_env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         with ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(_run, [cmd, job_id], env, 60) for cmd in ("status", "logs")]
             futures.append(
                 pool.submit(
-                    subprocess.run, tokenless, env=env, capture_output=True, text=True, timeout=60
+                    subprocess.run,
+                    tokenless,
+                    env=tokenless_env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
                 )
             )
             status, logs, gcs = (f.result() for f in futures)

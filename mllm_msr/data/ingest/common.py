@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from mllm_msr.config import IngestConfig
 from mllm_msr.data import schema
 from mllm_msr.data.images import (
+    HostAllowlist,
     ImageError,
     NormalizedImage,
     fetch_url,
@@ -229,15 +230,18 @@ class ImageLoader:
     """``map_batches`` callable: raw item rows (references) -> item rows with normalized images.
 
     Local references are paths under ``image_root`` (escapes refused); URLs are fetched with
-    ``cfg.http_timeout_s``, ``cfg.http_retries`` retries and at most ``cfg.http_concurrency``
-    requests at a time per task. Each rejected image adds a quarantine row (kind ``images``,
-    key ``<item_id>#<k>``); the item stays, text-only, unless ``cfg.require_images``.
+    ``cfg.http_timeout_s`` per socket operation, ``cfg.http_deadline_s`` per fetch,
+    ``cfg.http_retries`` retries, at most ``cfg.http_concurrency`` requests at a time per task,
+    and only from public addresses or ``cfg.http_allow_hosts`` (:func:`fetch_url`). Each rejected
+    image adds a quarantine row (kind ``images``, key ``<item_id>#<k>``); the item stays,
+    text-only, unless ``cfg.require_images``.
     """
 
     def __init__(self, cfg: IngestConfig, image_root: str | None, image_source: str) -> None:
         self.cfg = cfg
         self.image_root = image_root
         self.image_source = image_source
+        self.allow = HostAllowlist.parse(cfg.http_allow_hosts)  # ConfigError on the driver
 
     def _load(self, ref: str) -> NormalizedImage:
         cfg = self.cfg
@@ -247,6 +251,8 @@ class ImageLoader:
                 timeout_s=cfg.http_timeout_s,
                 retries=cfg.http_retries,
                 max_bytes=cfg.images.max_bytes,
+                deadline_s=cfg.http_deadline_s,
+                allow=self.allow,
             )
         else:
             if self.image_root is None:
