@@ -93,11 +93,19 @@ def test_safe_join_refuses_escapes(tmp_path):
         "/etc/passwd",
         str(tmp_path),
         "link.png",
-        "",
+        "..",
     ):
         with pytest.raises(ImageError) as err:
             safe_join(root, bad)
         assert err.value.reason == "path_escape", bad
+
+
+def test_paths_that_name_no_file_are_bad_image_paths(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for bad in ("", " ", ".", "./", "sub/..", "a\x00.png", "sub"):
+        with pytest.raises(ImageError) as err:
+            read_image_file(tmp_path, bad, max_bytes=100)
+        assert err.value.reason == "bad_image_path", bad
 
 
 def test_missing_file_and_set_hash(tmp_path):

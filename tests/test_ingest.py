@@ -27,9 +27,11 @@ from mllm_msr.data.ingest.common import (
     dedupe_interactions,
     dedupe_items,
     item_row,
+    parse_timestamp,
     rows_table,
 )
 from mllm_msr.data.ingest.microlens import parse_pairs_lines
+from mllm_msr.data.ingest.readers import DETAIL, ERROR, LINE, csv_records
 from mllm_msr.runtime import RunDir
 from mllm_msr.stages.ingest import run_ingest
 
@@ -321,6 +323,56 @@ def test_amazon_parsers(amazon_root):
     assert [r["q_reason"] for r in items] == [None, None, None, "empty_text", "bad_json"]
 
 
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (b"a,b\n1,2\n1,2,3\n4,5\n", [2, ("malformed_row", 3), 4]),  # extra field
+        (b"a,b\n1\n4,5", [("malformed_row", 2), 3]),  # missing field, no final newline
+        (b'a,b\n1,"2\n4,5\n6,7\n', [("malformed_row", 2), 3, 4]),  # quote never closed
+        (b'a,b\n"1,2\n4,5\n', [("malformed_row", 2), 3]),  # ... with the right field count
+        (b'a,b\n1,"x\r\ny"\r\n\r\n4,5\r\n', [2, 5]),  # a quoted newline, CRLF, a blank line
+        (b"\xef\xbb\xbfa,b\n1,\xff\n4,5\n", [("not_utf8", 2), 3]),  # BOM, not UTF-8
+        (b'a,b\n1,"' + b"x" * 200_000 + b"\n4,5\n", [("malformed_row", 2), 3]),  # field limit
+    ],
+)
+def test_csv_records_keep_line_numbers_and_resume_after_a_bad_row(data, expected):
+    records = list(csv_records(io.BytesIO(data)))
+    assert records[0][1] == ["a", "b"]
+    got = [line if error is None else (error, line) for line, _, error, _ in records[1:]]
+    assert got == expected
+    assert all(detail for _, fields, _, detail in records if fields is None)
+
+
+def test_timestamps_out_of_range_are_rejected():
+    assert [parse_timestamp(v) for v in ("12", " 1e3 ", 7, 2.9, str(2**63 - 1))] == [
+        12,
+        1000,
+        7,
+        2,
+        2**63 - 1,
+    ]
+    for bad in ("1e30", 1e30, 2**63, "-5", -0.5, "nan", float("inf"), "soon", "", None, [1]):
+        with pytest.raises((TypeError, ValueError)):
+            parse_timestamp(bad)
+
+
+def test_jsonl_lines_not_utf8_or_lone_surrogates_are_rejected_with_their_line():
+    lines = pa.table(
+        {
+            "text": [None, '{"user_id": "\\ud800", "parent_asin": "p", "timestamp": 5}', "[1]"],
+            LINE: [1, 2, 3],
+            ERROR: ["not_utf8", None, None],
+            DETAIL: ["bad byte", None, None],
+        }
+    )
+    rows = parse_reviews(lines, "interactions:Toys.jsonl").to_pylist()
+    assert [(r["q_reason"], r["q_key"]) for r in rows] == [
+        ("not_utf8", "Toys.jsonl:1"),
+        ("not_utf8", "Toys.jsonl:2"),
+        ("bad_json", "Toys.jsonl:3"),
+    ]
+
+
 # --------------------------------------------------------------------------- slow: Ray stage
 
 
@@ -484,3 +536,116 @@ def test_generic_stage_with_required_images_then_prepare(ray_local, tmp_path):
     assert (p["users"], p["items"], p["interactions"]) == (1, 2, 2)
     q = run.read_table("quarantine/prepare")
     assert sorted(q["key"].to_pylist()) == ["u1|g3", "u2|zz"]
+
+
+# --------------------------------------------------------------------------- bad rows, never fatal
+
+# Small catalogs with one bad line (line 3) followed by good lines; each case names the file the
+# bad line goes into, the quarantine reason, the table it is counted in and where it is (a
+# "file:line" key, or a string of the quarantine key / detail).
+ITEMS_CSV = [b"item_id,title,image", b"g1,Lamp,a.png", b"g2,Chair,b.png", b"g3,Desk,a.png"]
+INTER_CSV = [b"user_id,item_id,timestamp", b"u1,g1,100", b"u1,g2,200", b"u2,g1,300", b"u2,g3,400"]
+PAIRS_TSV = [b"u1\tg1 g2", b"u2\tg1 g3", b"u4\tg2"]
+REVIEWS = [
+    json.dumps({"user_id": u, "parent_asin": i, "timestamp": t}).encode()
+    for u, i, t in [("u1", "g1", 1000), ("u1", "g2", 2000), ("u2", "g1", 3000), ("u2", "g3", 4000)]
+]
+META = [
+    json.dumps({"parent_asin": g, "title": t}).encode()
+    for g, t in [("g1", "L"), ("g2", "C"), ("g3", "D")]
+]
+
+
+def _case(name, bad, reason, file="inter.csv", kind="interactions", where=None, fmt="generic"):
+    """A bad-row case: ``bad`` becomes line 3 of ``file``; ``where`` is the quarantine key (or a
+    string of its detail), by default ``<file>:3``."""
+    return pytest.param(fmt, file, bad, kind, reason, where or f"{file}:3", id=name)
+
+
+BAD_ROWS = [
+    _case("csv_extra_column", b"u3,g1,500,surplus", "malformed_row"),
+    _case("csv_missing_column", b"u3,g1", "malformed_row"),
+    _case("csv_unterminated_quote", b'u3,"g1,500', "malformed_row"),
+    _case("csv_not_utf8", b"u3,g\xff1,500", "not_utf8"),
+    _case("csv_items_unterminated_quote", b'g9,"Lamp,a.png', "malformed_row", "items.csv", "items"),
+    _case("csv_items_not_utf8", b"g9,Caf\xe9,a.png", "not_utf8", "items.csv", "items"),
+    _case("tsv_not_utf8", b"u3\tg\xff1 g2", "not_utf8", "pairs.tsv", fmt="microlens"),
+    _case("jsonl_not_utf8", b'{"user_id": "u\xff"}', "not_utf8", "Toys.jsonl", fmt="amazon"),
+    _case(
+        "jsonl_meta_not_utf8",
+        b'{"title": "\xfe"}',
+        "not_utf8",
+        "meta_Toys.jsonl",
+        "items",
+        fmt="amazon",
+    ),
+    _case("timestamp_1e30", b"u3,g1,1e30", "bad_timestamp"),
+    _case("timestamp_negative", b"u3,g1,-5", "bad_timestamp"),
+    _case("timestamp_nan", b"u3,g1,nan", "bad_timestamp"),
+    _case("timestamp_text", b"u3,g1,soon", "bad_timestamp"),
+    _case("image_dot", b"g9,Dot,.", "bad_image_path", "items.csv", "images", "g9#0"),
+    _case("image_dotdot", b"g9,Up,..", "path_escape", "items.csv", "images", "g9#0"),
+    _case("image_directory", b"g9,Dir,sub", "bad_image_path", "items.csv", "images", "g9#0"),
+    _case("image_escape", b"g9,Out,../outside.png", "path_escape", "items.csv", "images", "g9#0"),
+]
+
+
+def _bad_row_dataset(root, fmt: str, file: str, bad: bytes) -> dict:
+    """Write the dataset of ``fmt`` with ``bad`` as line 3 of ``file``; return the ingest config."""
+    files = {
+        "generic": {"items.csv": ITEMS_CSV, "inter.csv": INTER_CSV},
+        "microlens": {
+            "titles.csv": [b"item,title", b"g1,Lamp", b"g2,Chair"],
+            "pairs.tsv": PAIRS_TSV,
+        },
+        "amazon": {"meta_Toys.jsonl": META, "Toys.jsonl": REVIEWS},
+    }[fmt]
+    (root / "imgs" / "sub").mkdir(parents=True)
+    (root / "imgs" / "a.png").write_bytes(png())
+    (root / "imgs" / "b.png").write_bytes(png(colour=(0, 200, 0)))
+    (root / "outside.png").write_bytes(png())
+    for name, lines in files.items():
+        lines = lines[:2] + [bad] + lines[2:] if name == file else lines
+        (root / name).write_bytes(b"\n".join(lines) + b"\n")
+    ingest = {"format": fmt, "root": str(root), "images": IMAGES, "num_shards": 1}
+    if fmt == "generic":
+        ingest.update(items="items.csv", interactions="inter.csv", image_column="image")
+        ingest["image_dir"] = "imgs"
+    return ingest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt, file, bad, kind, reason, where", BAD_ROWS)
+def test_bad_row_is_quarantined_not_fatal(ray_local, tmp_path, fmt, file, bad, kind, reason, where):
+    root = tmp_path / "data"
+    _, run, s = _run(tmp_path, "run", _bad_row_dataset(root, fmt, file, bad))
+    check_counts(s)
+    # every data line of the input is read once: the bad line, and every good line after it
+    data_lines = {
+        "generic": (len(ITEMS_CSV) - 1, len(INTER_CSV) - 1),
+        "microlens": (2, 5),  # pairs: one interaction per item of a line
+        "amazon": (3, len(REVIEWS)),
+    }[fmt]
+    n_items, n_inter = data_lines
+    extra = {"items": (1, 0), "images": (1, 0), "interactions": (0, 1)}[kind]
+    assert s["items"]["read"] == n_items + extra[0]
+    assert s["interactions"]["read"] == n_inter + extra[1]
+    q = run.read_table("quarantine").to_pylist()
+    hits = [r for r in q if r["reason"] == reason and (where == r["key"] or where in r["detail"])]
+    assert len(hits) == 1, q
+    assert s[kind]["quarantined_by_reason"].get(reason) == 1
+    assert hits[0]["source"].split(":")[0] == kind and hits[0]["detail"]
+    # the good rows around the bad one are all written
+    inter = {(r["user_id"], r["item_id"]) for r in run.read_table("interactions").to_pylist()}
+    good_inter = {
+        "generic": {("u1", "g1"), ("u1", "g2"), ("u2", "g1"), ("u2", "g3")},
+        "microlens": {("u1", "g1"), ("u1", "g2"), ("u2", "g1"), ("u2", "g3"), ("u4", "g2")},
+        "amazon": {("u1", "g1"), ("u1", "g2"), ("u2", "g1"), ("u2", "g3")},
+    }[fmt]
+    assert inter == good_inter
+    items = {r["item_id"]: r for r in run.read_table("items").to_pylist()}
+    assert {"g1", "g2"} <= set(items)
+    if fmt == "generic":
+        assert {"g3"} <= set(items) and len(items["g3"]["images"]) == 1
+    if kind == "images":  # the item stays, text-only
+        assert items["g9"]["images"] == []

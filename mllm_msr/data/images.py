@@ -42,6 +42,8 @@ REASONS = (
     "decompression_bomb",  # more pixels than ImageConfig.max_pixels
     "corrupt_image",  # Pillow cannot identify, verify or decode it
     "path_escape",  # a manifest path that leaves the dataset root
+    "bad_image_path",  # empty, ".", NUL, a directory: names no file under the root
+    "unreadable_image",  # the file exists but reading it fails (permissions, I/O error)
     "bad_url",  # not an http(s) URL
     "http_error",  # an HTTP status >= 400 (404 ...), too many redirects
     "fetch_failed",  # timeouts / connection errors after the retries
@@ -121,16 +123,22 @@ def image_set_hash(hashes: list[str]) -> str:
 def safe_join(root: str | os.PathLike, relative: str) -> Path:
     """Join ``relative`` under ``root``; refuse absolute paths, ``..`` and symlinks that escape.
 
-    Raises :class:`ImageError` with reason ``path_escape``.
+    Raises :class:`ImageError` with reason ``path_escape``, or ``bad_image_path`` for a path that
+    names no file (empty, NUL bytes, the root itself such as ``.``).
     """
-    if not relative or "\x00" in relative:
-        raise ImageError("path_escape", f"invalid path {relative!r}")
+    if not relative or not relative.strip() or "\x00" in relative:
+        raise ImageError("bad_image_path", f"invalid path {relative!r}")
     rel = Path(relative)
-    if rel.is_absolute() or relative.startswith(("/", "\\")) or ":" in rel.parts[0]:
+    if rel.is_absolute() or relative.startswith(("/", "\\")) or ":" in (rel.parts or ("",))[0]:
         raise ImageError("path_escape", f"absolute path {relative!r}")
     base = Path(root).resolve()
-    target = (base / rel).resolve()
-    if target != base and base not in target.parents:
+    try:
+        target = (base / rel).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise ImageError("bad_image_path", f"{relative!r}: {exc}") from None
+    if target == base:
+        raise ImageError("bad_image_path", f"{relative!r} names the image folder itself")
+    if base not in target.parents:
         raise ImageError("path_escape", f"{relative!r} resolves outside {base}")
     return target
 
@@ -138,12 +146,19 @@ def safe_join(root: str | os.PathLike, relative: str) -> Path:
 def read_image_file(root: str | os.PathLike, relative: str, max_bytes: int) -> bytes:
     """Read an image file under ``root`` (size-checked before reading)."""
     path = safe_join(root, relative)
-    if not path.is_file():
-        raise ImageError("missing_image", f"no file {relative!r} under {root}")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise ImageError("oversized_image", f"{relative!r}: {size} bytes > max_bytes={max_bytes}")
-    return path.read_bytes()
+    try:
+        if path.is_dir():
+            raise ImageError("bad_image_path", f"{relative!r} is a directory")
+        if not path.is_file():
+            raise ImageError("missing_image", f"no file {relative!r} under {root}")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ImageError(
+                "oversized_image", f"{relative!r}: {size} bytes > max_bytes={max_bytes}"
+            )
+        return path.read_bytes()
+    except OSError as exc:  # permissions, a name too long, I/O errors
+        raise ImageError("unreadable_image", f"{relative!r}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- URLs
@@ -481,6 +496,8 @@ def fetch_url(
                 raise
             except _Retry as exc:
                 last = str(exc)
+            except ValueError as exc:  # http.client.InvalidURL (spaces...), a bad IPv6 literal
+                raise ImageError("bad_url", f"{exc}: {url[:200]!r}") from None
             except (OSError, http.client.HTTPException) as exc:
                 if deadline.expired:
                     raise deadline.error(url, last) from None

@@ -164,8 +164,7 @@ def run_prepare(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
 
 
 def check_not_empty(seqs: pa.Table, kc: Any, n_interactions: int, pcfg: Any) -> None:
-    """Raise when the protocol filters leave nothing to train or evaluate on, naming why."""
-    splits = Counter(seqs["split"].to_pylist()) if seqs.num_rows else Counter()
+    """Raise when the protocol filters leave no user, naming the settings that emptied it."""
     if kc.users_after == 0:
         raise ValueError(
             f"prepare: the ({pcfg.user_core}, {pcfg.item_core})-core leaves 0 users "
@@ -173,12 +172,9 @@ def check_not_empty(seqs: pa.Table, kc: Any, n_interactions: int, pcfg: Any) -> 
             f"interactions before it): lower prepare.user_core / prepare.item_core or ingest "
             f"more interactions"
         )
-    empty = [s for s in ("train", "test") if splits.get(s, 0) == 0]
-    if pcfg.split == "user" and empty:
+    if seqs.num_rows == 0:
         raise ValueError(
-            f"prepare: no {' and no '.join(empty)} users ({dict(splits)} after the "
-            f"({pcfg.user_core}, {pcfg.item_core})-core kept {kc.users_after} users): check "
-            f"prepare.split_ratios={pcfg.split_ratios} and prepare.max_users={pcfg.max_users}"
+            f"prepare: prepare.max_users={pcfg.max_users} keeps 0 of {kc.users_after} users"
         )
 
 

@@ -7,12 +7,15 @@
   The first ``cfg.max_images_per_item`` images are fetched (``large``, else ``hi_res``, else
   ``thumb``) with a timeout, bounded retries and a concurrency limit.
 
-Lines that are not JSON objects are quarantined (``bad_json``) with their line prefix as key.
+Lines that are not JSON objects (``bad_json``) or not UTF-8 (``not_utf8``) are quarantined with
+``<file>:<line>`` as key.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,11 +26,14 @@ from mllm_msr.data.ingest.common import (
     RAW_ITEM_ROWS,
     interaction_row,
     item_row,
+    line_key,
     qsource,
+    reader_reject,
     reject,
     resolve,
     rows_table,
 )
+from mllm_msr.data.ingest.readers import LINE, read_lines
 from mllm_msr.data.ingest.sources import Sources
 
 
@@ -39,28 +45,50 @@ def _load(line: str) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _bad_json(line: str, source: str) -> dict:
-    """The quarantine row of a JSONL line that is not a JSON object."""
-    return reject(
-        {"q_source": source}, "bad_json", f"not a JSON object: {line[:200]!r}", key=line[:80]
-    )
+def _objects(batch: pa.Table, source: str) -> Iterator[tuple[dict | None, dict | None, str]]:
+    """``(object, rejected row, key)`` per line of ``batch`` (from :func:`.readers.read_lines`).
+
+    Exactly one of the two is None: lines that cannot be decoded (``not_utf8``) or that are not
+    a JSON object (``bad_json``) are rejected with the key ``<file>:<line>``.
+    """
+    for rec in batch.to_pylist():
+        key = line_key(source, rec.get(LINE))
+        bad = reader_reject(rec, source)
+        if bad is not None:
+            yield None, bad, key
+            continue
+        text = rec["text"]
+        obj = _load(text)
+        if obj is None:
+            detail = f"not a JSON object: {text[:200]!r}"
+            yield None, reject({"q_source": source}, "bad_json", detail, key=key), key
+        elif _SURROGATE.search(text) and _lone_surrogate(obj):
+            detail = f"a \\u escape of a lone UTF-16 surrogate: {text[:200]!r}"
+            yield None, reject({"q_source": source}, "not_utf8", detail, key=key), key
+        else:
+            yield obj, None, key
+
+
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(obj: dict) -> bool:
+    """Whether ``obj`` holds a string that is not encodable as UTF-8 (``"\\ud800"``)."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def parse_reviews(batch: pa.Table, source: str) -> pa.Table:
     rows = []
-    for line in batch["text"].to_pylist():
-        obj = _load(line)
-        if obj is None:
-            rows.append(_bad_json(line, source))
+    for obj, bad, key in _objects(batch, source):
+        if bad is not None:
+            rows.append(bad)
             continue
         item = obj.get("parent_asin") or obj.get("asin")
-        row = interaction_row(
-            obj.get("user_id"),
-            item,
-            obj.get("timestamp"),
-            source,
-            key=f"{obj.get('user_id')}|{item}",
-        )
+        row = interaction_row(obj.get("user_id"), item, obj.get("timestamp"), source, key=key)
         if row["q_reason"] is None:
             row["timestamp"] //= 1000  # milliseconds -> seconds
         rows.append(row)
@@ -87,10 +115,9 @@ def image_urls(images) -> list[str]:
 
 def parse_meta(batch: pa.Table, source: str, cfg: IngestConfig) -> pa.Table:
     rows = []
-    for line in batch["text"].to_pylist():
-        obj = _load(line)
-        if obj is None:
-            rows.append(_bad_json(line, source))
+    for obj, bad, _ in _objects(batch, source):
+        if bad is not None:
+            rows.append(bad)
             continue
         text = " ".join(t for t in (_join(obj.get("features")), _join(obj.get("description"))) if t)
         rows.append(
@@ -114,19 +141,17 @@ def _find(root: str, meta: bool) -> str:
 
 
 def amazon_sources(cfg: IngestConfig) -> Sources:
-    import ray.data
-
     if not cfg.root:
         raise ValueError("ingest.root is required for format=amazon")
     reviews = resolve(cfg.root, cfg.interactions) if cfg.interactions else _find(cfg.root, False)
     meta = resolve(cfg.root, cfg.items) if cfg.items else _find(cfg.root, True)
     n = cfg.num_shards
-    inter_ds = ray.data.read_text(reviews, override_num_blocks=n).map_batches(
+    inter_ds = read_lines(reviews, n).map_batches(
         parse_reviews,
         fn_kwargs={"source": qsource("interactions", reviews)},
         batch_format="pyarrow",
     )
-    items_ds = ray.data.read_text(meta, override_num_blocks=n).map_batches(
+    items_ds = read_lines(meta, n).map_batches(
         parse_meta, fn_kwargs={"source": qsource("items", meta), "cfg": cfg}, batch_format="pyarrow"
     )
     return Sources(items_ds, inter_ds, None, "urls", meta, reviews)

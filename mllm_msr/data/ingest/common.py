@@ -15,6 +15,7 @@ so ``read = written + quarantined`` holds by construction; the sink counts both 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from mllm_msr.data.images import (
     normalize_image,
     read_image_file,
 )
+from mllm_msr.data.ingest import readers
 from mllm_msr.runtime import RunDir
 
 STAGE = "ingest"
@@ -87,6 +89,24 @@ def reject(
     }
 
 
+def line_key(source: str, line: int | None) -> str:
+    """``<file>:<line>``: the quarantine key of a row read from line ``line`` of ``source``'s file."""
+    file = source.split(":", 1)[-1]
+    return f"{file}:{line}" if line is not None else file
+
+
+def reader_reject(record: dict, source: str) -> dict | None:
+    """The rejected routed row of a record the line reader could not decode or parse, else None.
+
+    ``record`` holds the reader columns of :mod:`.readers` (absent for Parquet inputs).
+    """
+    reason = record.get(readers.ERROR)
+    if reason is None:
+        return None
+    key = line_key(source, record.get(readers.LINE))
+    return reject({"q_source": source}, reason, record.get(readers.DETAIL) or "", key=key)
+
+
 def clean_str(value: Any) -> str:
     if value is None:
         return ""
@@ -131,13 +151,35 @@ def interaction_row(user: Any, item: Any, timestamp: Any, source: str, key: str)
     if not uid or not iid:
         return reject(row, "missing_id", f"user={uid!r} item={iid!r} ({key})")
     try:
-        ts = int(float(timestamp)) if isinstance(timestamp, (str, float)) else int(timestamp)
-    except (TypeError, ValueError, OverflowError):
-        return reject(row, "bad_timestamp", f"timestamp {timestamp!r} ({key})")
-    if ts < 0:
-        return reject(row, "bad_timestamp", f"negative timestamp {ts} ({key})")
-    row["timestamp"] = ts
+        row["timestamp"] = parse_timestamp(timestamp)
+    except (TypeError, ValueError, OverflowError) as exc:
+        return reject(row, "bad_timestamp", f"timestamp {timestamp!r}: {exc} ({key})")
     return row
+
+
+INT64_MAX = 2**63 - 1
+
+
+def parse_timestamp(value: Any) -> int:
+    """A non-negative int64 from an int, a float or a numeric string (``"1e3"`` -> 1000).
+
+    Raises ``ValueError`` (or ``TypeError``) for anything else: text, NaN, infinities, negative
+    values and values beyond int64 (``1e30``).
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            value = float(text)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("not a finite number")
+    if value < 0:  # before truncation: -0.5 is negative too
+        raise ValueError("negative")
+    ts = int(value)
+    if ts > INT64_MAX:
+        raise ValueError("out of the int64 range")
+    return ts
 
 
 # --------------------------------------------------------------------------- dedupe (groupby)
@@ -406,32 +448,20 @@ def resolve(root: str | None, path: str) -> str:
     return str(Path(root) / path)
 
 
-def csv_header(path: str) -> list[str]:
-    """Column names of a CSV file (its first line), read without loading the file."""
-    import csv
-
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        return next(csv.reader(fh), [])
-
-
 def read_table_file(path: str, num_blocks: int | None = None) -> tuple[Any, list[str]]:
     """A Ray Dataset over a CSV (every column read as a string) or Parquet file, and its columns.
 
-    The column names come from the CSV header / Parquet footer (no pass over the data).
+    The column names come from the CSV header / Parquet footer (no pass over the data). CSV
+    records carry the reader columns of :mod:`.readers` (line number, error): a malformed or
+    undecodable record is a row to quarantine (:func:`reader_reject`), not a failed read.
     """
     import ray.data
-    from pyarrow import csv as pacsv
 
     if path.endswith(".parquet") or Path(path).is_dir():
         first = path if not Path(path).is_dir() else sorted(Path(path).rglob("*.parquet"))[0]
         names = pq.read_schema(first).names
         return ray.data.read_parquet(path, override_num_blocks=num_blocks), names
-    names = csv_header(path)
-    convert = pacsv.ConvertOptions(
-        column_types={n: pa.string() for n in names}, strings_can_be_null=False
-    )
-    ds = ray.data.read_csv(path, convert_options=convert, override_num_blocks=num_blocks)
-    return ds, names
+    return readers.read_csv_rows(path, num_blocks)
 
 
 def pick_column(

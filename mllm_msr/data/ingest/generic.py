@@ -20,6 +20,7 @@ from mllm_msr.data.ingest.common import (
     pick_column,
     qsource,
     read_table_file,
+    reader_reject,
     resolve,
     rows_table,
 )
@@ -53,6 +54,10 @@ class GenericItems:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         for r in batch.to_pylist():
+            bad = reader_reject(r, self.source)
+            if bad is not None:
+                rows.append(bad)
+                continue
             refs = split_refs(r.get(self.image)) if self.image else []
             text = r.get(self.text) if self.text else ""
             rows.append(

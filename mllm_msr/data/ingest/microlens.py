@@ -25,13 +25,16 @@ from mllm_msr.data.ingest.common import (
     RAW_ITEM_ROWS,
     interaction_row,
     item_row,
+    line_key,
     pick_column,
     qsource,
     read_table_file,
+    reader_reject,
     reject,
     resolve,
     rows_table,
 )
+from mllm_msr.data.ingest.readers import DETAIL, ERROR, LINE, read_lines
 from mllm_msr.data.ingest.sources import Sources
 
 
@@ -44,9 +47,18 @@ def _find(root: str, patterns: tuple[str, ...], what: str) -> str:
 
 
 def parse_pairs_lines(batch: pa.Table, source: str) -> pa.Table:
-    """``user<TAB>item item ...`` lines -> interaction rows (timestamp = position)."""
+    """``user<TAB>item item ...`` lines -> interaction rows (timestamp = position).
+
+    ``batch`` holds the lines (``text``) and, from :func:`.readers.read_lines`, their line
+    numbers and decoding errors; a bad line is one rejected row keyed ``<file>:<line>``.
+    """
     rows: list[dict] = []
-    for line in batch["text"].to_pylist():
+    for rec in batch.to_pylist():
+        bad = reader_reject(rec, source)
+        if bad is not None:
+            rows.append(bad)
+            continue
+        line = rec["text"]
         user, sep, items = line.rstrip("\r\n").partition("\t")
         user = user.strip()
         if not sep or not user or not items.strip():
@@ -55,7 +67,7 @@ def parse_pairs_lines(batch: pa.Table, source: str) -> pa.Table:
                     {"user_id": user, "q_source": source},
                     "malformed_line",
                     f"expected user<TAB>items: {line[:200]!r}",
-                    key=line[:80],
+                    key=line_key(source, rec.get(LINE)),
                 )
             )
             continue
@@ -72,14 +84,16 @@ class CsvInteractions:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
-        for r in batch.select([self.user, self.item, self.ts]).to_pylist():
-            row = interaction_row(
-                r[self.user],
-                r[self.item],
-                r[self.ts],
-                self.source,
-                key=f"{r[self.user]}|{r[self.item]}",
-            )
+        cols = [self.user, self.item, self.ts]
+        cols += [c for c in (LINE, ERROR, DETAIL) if c in batch.column_names]
+        for r in batch.select(cols).to_pylist():
+            bad = reader_reject(r, self.source)
+            if bad is not None:
+                rows.append(bad)
+                continue
+            line = r.get(LINE)  # None for Parquet inputs
+            key = f"{r[self.user]}|{r[self.item]}" if line is None else line_key(self.source, line)
+            row = interaction_row(r[self.user], r[self.item], r[self.ts], self.source, key=key)
             if row["q_reason"] is None and self.scale != 1:
                 row["timestamp"] //= self.scale
             rows.append(row)
@@ -109,13 +123,17 @@ class MicroLensItems:
             try:
                 if safe_join(self.image_root, name).is_file():
                     return [name]
-            except ImageError:
-                return [name]  # refused again (path_escape) and quarantined by the loader
+            except (ImageError, OSError):
+                return [name]  # refused again (path_escape ...) and quarantined by the loader
         return []
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         for r in batch.to_pylist():
+            bad = reader_reject(r, self.source)
+            if bad is not None:
+                rows.append(bad)
+                continue
             iid = (r[self.item] or "").strip()
             text = r.get(self.text) if self.text else ""
             rows.append(item_row(iid, r[self.title], text, self._cover(iid), self.source, self.cfg))
@@ -123,8 +141,6 @@ class MicroLensItems:
 
 
 def microlens_sources(cfg: IngestConfig) -> Sources:
-    import ray.data
-
     if not cfg.root:
         raise ValueError("ingest.root is required for format=microlens")
     root = cfg.root
@@ -138,7 +154,7 @@ def microlens_sources(cfg: IngestConfig) -> Sources:
     n = cfg.num_shards
     i_src = qsource("interactions", inter)
     if inter.endswith(".tsv"):
-        inter_ds = ray.data.read_text(inter, override_num_blocks=n).map_batches(
+        inter_ds = read_lines(inter, n).map_batches(
             parse_pairs_lines, fn_kwargs={"source": i_src}, batch_format="pyarrow"
         )
     else:
