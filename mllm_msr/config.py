@@ -8,7 +8,9 @@ Unknown keys, values of the wrong type and values out of range raise :class:`Con
 the full dotted key (``train.learning_rate: must be > 0, got -1.0``). Override values are parsed as
 YAML scalars/lists (``a.b=[1,2]``, ``a.c=null``).
 
-Ranges are checked at load time by each dataclass's ``__post_init__``.
+Ranges are checked at load time by each dataclass's ``__post_init__``; :func:`validate_models`
+checks that the models the configured stages use exist (tiny/packaged names, local folders, or
+hub ids already in the local Hugging Face cache) without loading anything.
 """
 
 from __future__ import annotations
@@ -655,6 +657,101 @@ def load_config(
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     return config_from_dict(data, overrides)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def models_in_use(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
+    """``(dotted key, model spec, family)`` of each model a stage in ``cfg.stages`` loads.
+
+    ``item_summaries`` loads its engine's model when enabled; ``user_preferences`` its engine's;
+    ``train`` the recommender ``train.model``, which ``evaluate`` also loads for ``zero_shot``
+    (its ``fine_tuned`` method runs only after ``train``).
+    """
+    used = []
+    if "item_summaries" in cfg.stages and cfg.item_summaries.enabled:
+        engine = cfg.item_summaries.engine
+        used.append(("item_summaries.engine", engine.model, engine.family))
+    if "user_preferences" in cfg.stages:
+        engine = cfg.user_preferences.engine
+        used.append(("user_preferences.engine", engine.model, engine.family))
+    if "train" in cfg.stages or (
+        "evaluate" in cfg.stages and "zero_shot" in cfg.evaluate.baselines
+    ):
+        used.append(("train", cfg.train.model, cfg.train.family))
+    return [(f"{section}.model", model, family) for section, model, family in used]
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the hub model ``repo_id`` has a ``config.json`` in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # HFValidationError: not a valid repo id (a path, say)
+        return False
+    return isinstance(found, str)  # None: never fetched; a sentinel: known to be absent
+
+
+def check_model(key: str, spec: str, family: str | None = None) -> None:
+    """Check that the model ``spec`` (the value of the config key ``key``) can be loaded offline.
+
+    ``tiny:<name>`` must name a tiny model (:data:`mllm_msr.tiny.TINY_SPECS`; nothing is built),
+    ``pkg:<name>`` a packaged model whose package is installed (:mod:`mllm_msr.models`); any other
+    spec must be an existing local directory or a hub id already in the local Hugging Face
+    cache (runs never download). With ``family``, a tiny or packaged model must be of that
+    family. Imports neither torch, vLLM nor Ray. Raises :class:`ConfigError` naming ``key``.
+    """
+    from mllm_msr import models, tiny
+
+    family_key = key.rsplit(".", 1)[0] + ".family" if "." in key else "family"
+    if spec.startswith(tiny.TINY_PREFIX):
+        name = spec[len(tiny.TINY_PREFIX) :]
+        if name not in tiny.TINY_SPECS:
+            known = sorted(tiny.TINY_PREFIX + n for n in tiny.TINY_SPECS)
+            raise ConfigError(f"{key}: {spec!r} is not a known tiny model; known: {known}")
+        built = tiny.TINY_SPECS[name].family
+    elif spec.startswith(models.PACKAGED_PREFIX):
+        name = spec[len(models.PACKAGED_PREFIX) :]
+        if name not in models.PACKAGED_MODELS:
+            known = sorted(models.PACKAGED_PREFIX + n for n in models.PACKAGED_MODELS)
+            raise ConfigError(f"{key}: {spec!r} is not a known packaged model; known: {known}")
+        try:
+            models.gguf_path(models.PACKAGED_MODELS[name])
+        except models.MissingModelPackageError as exc:
+            raise ConfigError(f"{key}: {spec!r}: {exc}") from None
+        built = models.PACKAGED_MODELS[name].family
+    else:
+        path = Path(spec)
+        if path.is_dir() or _in_hub_cache(spec):
+            return
+        where = f"no local directory {str(path.absolute())!r}"
+        if not (path.is_absolute() or spec.startswith((".", "~")) or spec.count("/") > 1):
+            from huggingface_hub import constants
+
+            where += (
+                f" and no hub id {spec!r} in the local Hugging Face cache "
+                f"{constants.HF_HUB_CACHE!r}"
+            )
+        raise ConfigError(
+            f"{key}: model {spec!r} not found: {where} (runs never download: give a model "
+            f"folder, fetch the hub model into that cache first, or use tiny:<name> / pkg:<name>)"
+        )
+    if family is not None and family != built:
+        raise ConfigError(
+            f"{family_key}: {spec!r} ({key}) is a {built!r} model, got family {family!r}"
+        )
+
+
+def validate_models(cfg: PipelineConfig) -> None:
+    """Check every model the configured stages load (:func:`models_in_use`, :func:`check_model`).
+
+    Fast and side-effect free (no torch, vLLM or Ray; nothing built or downloaded): call it
+    before Ray starts. Raises :class:`ConfigError` on the first missing model.
+    """
+    for key, spec, family in models_in_use(cfg):
+        check_model(key, spec, family)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -226,3 +226,130 @@ def test_evaluate_uses_the_config_list_of_baselines():
     from mllm_msr.stages import evaluate
 
     assert evaluate.KNOWN_BASELINES is config.KNOWN_BASELINES
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _hub_cache_with(root: Path, repo_id: str) -> None:
+    """A Hugging Face cache layout holding ``repo_id``'s config.json at one snapshot."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache (the real one is never consulted)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_validate_models_accepts_the_default_tiny_models(hub_cache):
+    from mllm_msr.config import models_in_use, validate_models
+
+    cfg = load_config(None)
+    validate_models(cfg)
+    assert [key for key, _, _ in models_in_use(cfg)] == [
+        "item_summaries.engine.model",
+        "user_preferences.engine.model",
+        "train.model",
+    ]
+
+
+@pytest.mark.parametrize(
+    "overrides, key, needles",
+    [
+        (["item_summaries.engine.model=tiny:nope"], "item_summaries.engine.model", ["tiny:nope"]),
+        (["user_preferences.engine.model=pkg:nope"], "user_preferences.engine.model", ["pkg:nope"]),
+        (["train.model=/nonexistent"], "train.model", ["/nonexistent", "no local directory"]),
+        (
+            ["train.model=org/never-downloaded"],
+            "train.model",
+            ["org/never-downloaded", "no local directory", "Hugging Face cache"],
+        ),
+        (["train.model=tiny:qwen2"], "train.family", ["tiny:qwen2", "'qwen2'", "qwen2_vl"]),
+        (
+            ["stages=[evaluate]", "train.model=/nonexistent"],  # evaluate's zero_shot loads it
+            "train.model",
+            ["/nonexistent"],
+        ),
+    ],
+)
+def test_validate_models_names_the_key_and_value(hub_cache, overrides, key, needles):
+    from mllm_msr.config import validate_models
+
+    with pytest.raises(ConfigError) as exc:
+        validate_models(load_config(None, overrides))
+    message = str(exc.value)
+    assert message.startswith(key + ": "), message
+    for needle in needles:
+        assert needle in message
+    if "Hugging Face cache" in needles:
+        assert str(hub_cache) in message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["item_summaries.enabled=false", "item_summaries.engine.model=tiny:nope"],
+        ["stages=[ingest,prepare]", "train.model=/nonexistent"],
+        ["stages=[evaluate]", "evaluate.baselines=[popularity]", "train.model=/nonexistent"],
+    ],
+)
+def test_validate_models_skips_models_no_stage_loads(hub_cache, overrides):
+    from mllm_msr.config import validate_models
+
+    validate_models(load_config(None, overrides))
+
+
+def test_validate_models_finds_local_folders_and_cached_hub_models(hub_cache, tmp_path):
+    from mllm_msr.config import validate_models
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    _hub_cache_with(hub_cache, "org/cached-model")
+    cfg = load_config(
+        None,
+        [f"item_summaries.engine.model={folder}", "user_preferences.engine.model=org/cached-model"],
+    )
+    validate_models(cfg)
+    with pytest.raises(ConfigError, match=r"train\.model: model 'org/other' not found"):
+        validate_models(load_config(None, ["train.model=org/other"]))
+
+
+def test_validate_models_checks_the_packaged_models_package(monkeypatch):
+    from mllm_msr import models
+    from mllm_msr.config import validate_models
+
+    cfg = load_config(None, ["train.model=pkg:smollm2", "train.family=smollm2"])
+    absent = models.PackagedModel(
+        "smollm2", "mllm-msr-no-such-distribution", "0", "x.gguf", "smollm2", "absent"
+    )
+    monkeypatch.setitem(models.PACKAGED_MODELS, "smollm2", absent)
+    with pytest.raises(ConfigError, match=r"^train\.model: 'pkg:smollm2': .*make bench-install"):
+        validate_models(cfg)
+    monkeypatch.setattr(models, "gguf_path", lambda model: Path("/installed/x.gguf"))
+    validate_models(cfg)
+
+
+def test_validate_models_imports_no_heavy_libraries():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from mllm_msr.config import load_config, validate_models\n"
+        "validate_models(load_config(None, ['train.model=/nonexistent', 'stages=[ingest]']))\n"
+        "validate_models(load_config(None))\n"
+        "heavy = {'torch', 'vllm', 'ray', 'transformers'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
