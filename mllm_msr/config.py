@@ -4,8 +4,13 @@ Configs load from YAML, then dotted command-line overrides are applied::
 
     cfg = load_config("configs/demo-cpu.yaml", ["train.lora.r=16", "prepare.seed=7"])
 
-Unknown keys and values of the wrong type raise :class:`ConfigError` naming the full dotted key.
-Override values are parsed as YAML scalars/lists (``a.b=[1,2]``, ``a.c=null``).
+Unknown keys, values of the wrong type and values out of range raise :class:`ConfigError` naming
+the full dotted key (``train.learning_rate: must be > 0, got -1.0``). Override values are parsed as
+YAML scalars/lists (``a.b=[1,2]``, ``a.c=null``).
+
+Ranges are checked at load time by each dataclass's ``__post_init__``; :func:`validate_models`
+checks that the models the configured stages use exist (tiny/packaged names, local folders, or
+hub ids already in the local Hugging Face cache) without loading anything.
 """
 
 from __future__ import annotations
@@ -21,7 +26,85 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A configuration value is unknown, missing or of the wrong type."""
+    """A configuration value is unknown, missing, of the wrong type or out of range.
+
+    Errors raised by a dataclass's ``__post_init__`` start with the field's own name
+    (``learning_rate: must be > 0, got -1.0``); loading prefixes the section's dotted path, so the
+    final message names the full key once (``train.learning_rate: ...``).
+    """
+
+
+KNOWN_BASELINES = ("popularity", "sasrec", "zero_shot", "random")
+"""Methods ``evaluate.baselines`` may name (the fine-tuned recommender always runs)."""
+
+VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+"""Values of ``EngineConfig.dtype`` (vLLM's ``dtype`` argument)."""
+
+RAY_MIN_OBJECT_STORE_BYTES = 75 * 1024 * 1024
+"""Ray refuses a smaller object store (``ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES``)."""
+
+
+# --------------------------------------------------------------------------- range checks
+# Each check reads fields of ``obj`` by name and raises ``ConfigError("<name>: must be <rule>, got
+# <value>")``. None passes (Optional fields); NaN fails every range.
+
+
+def _bad(name: str, rule: str, value: Any) -> ConfigError:
+    return ConfigError(f"{name}: must be {rule}, got {value!r}")
+
+
+def _at_least(obj: Any, minimum: int, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not value >= minimum:
+            raise _bad(name, f">= {minimum}", value)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not value > 0:
+            raise _bad(name, "> 0", value)
+
+
+def _in_range(obj: Any, name: str, lo: float, hi: float, interval: str = "[]") -> None:
+    """``interval`` is the bracket pair: ``[]`` closed, ``(]`` / ``[)`` half-open."""
+    value = getattr(obj, name)
+    if value is None:
+        return
+    above = value > lo if interval[0] == "(" else value >= lo
+    below = value < hi if interval[1] == ")" else value <= hi
+    if not (above and below):
+        raise _bad(name, f"in {interval[0]}{lo}, {hi}{interval[1]}", value)
+
+
+def _minus_one_or_positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value != -1 and not value >= 1:
+            raise _bad(name, "-1 or >= 1", value)
+
+
+def _non_empty(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not value:
+            raise _bad(name, "non-empty", value)
+
+
+def _whole_above_one(obj: Any, name: str) -> None:
+    """Ray resource quantities above 1 must be whole numbers (fractions only below 1)."""
+    value = getattr(obj, name)
+    if value > 1 and value != int(value):
+        raise _bad(name, "<= 1 or a whole number (Ray shares only fractions of one unit)", value)
+
+
+def _known_family(obj: Any, name: str = "family") -> None:
+    from mllm_msr.prompts import FAMILIES  # stdlib-only module; imported late (no cycle)
+
+    value = getattr(obj, name)
+    if value not in FAMILIES:
+        raise ConfigError(f"{name}: {value!r} is not a known family; known: {sorted(FAMILIES)}")
 
 
 # --------------------------------------------------------------------------- engine / model
@@ -57,10 +140,24 @@ class EngineConfig:
     """LoRA adapters resident at once."""
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1:
-            raise ConfigError("tensor_parallel_size must be >= 1")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+        _non_empty(self, "model")
+        _known_family(self)
+        if self.dtype not in VLLM_DTYPES:
+            raise ConfigError(f"dtype: {self.dtype!r} is not one of {list(VLLM_DTYPES)}")
+        _at_least(
+            self,
+            1,
+            "max_model_len",
+            "max_num_seqs",
+            "tensor_parallel_size",
+            "limit_images_per_prompt",
+            "image_max_pixels",
+            "cpu_kvcache_space_gib",
+            "max_lora_rank",
+            "max_loras",
+        )
+        _in_range(self, "gpu_memory_utilization", 0, 1, "(]")
+        _at_least(self, 0, "seed")
 
 
 @dataclass
@@ -75,6 +172,12 @@ class SamplingConfig:
     """vLLM's repetition penalty (1.0: none). Small models decoding greedily loop on one
     sentence; ~1.2 stops that (see configs/microlens-50k-smollm2.yaml)."""
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "max_new_tokens")
+        _at_least(self, 0, "temperature", "seed")
+        _in_range(self, "top_p", 0, 1, "(]")
+        _positive(self, "repetition_penalty")
+
 
 @dataclass
 class ActorPoolConfig:
@@ -86,6 +189,11 @@ class ActorPoolConfig:
     """GPUs per actor (set to tensor_parallel_size on GPU clusters)."""
     num_cpus: float = 1.0
     batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "concurrency", "batch_size")
+        _at_least(self, 0, "num_gpus", "num_cpus")
+        _whole_above_one(self, "num_gpus")
 
 
 # --------------------------------------------------------------------------- stages
@@ -100,6 +208,11 @@ class ImageConfig:
     """Decoded size above which an image is refused as a decompression bomb."""
     format: Literal["JPEG", "PNG"] = "JPEG"
     quality: int = 90
+    """JPEG quality, 1 (worst) to 100."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "max_side", "max_bytes", "max_pixels")
+        _in_range(self, "quality", 1, 100)
 
 
 @dataclass
@@ -156,6 +269,24 @@ class IngestConfig:
     demo_block_users: int = 2000
     """Users per generated block of the demo interactions (bounds the memory of one task)."""
 
+    def __post_init__(self) -> None:
+        _positive(self, "http_timeout_s")
+        _at_least(self, 0, "http_retries", "demo_seed")
+        _at_least(
+            self,
+            1,
+            "http_concurrency",
+            "demo_users",
+            "demo_items",
+            "num_shards",
+            "max_images_per_item",
+            "demo_block_users",
+        )
+        _non_empty(self, "image_extensions")
+        for ext in self.image_extensions:
+            if not (ext.startswith(".") and len(ext) > 1):
+                raise _bad("image_extensions", 'extensions like ".jpg"', ext)
+
 
 @dataclass
 class PrepareConfig:
@@ -177,17 +308,23 @@ class PrepareConfig:
     User split only; for compute-bounded runs (e.g. an LLM on a CPU)."""
 
     def __post_init__(self) -> None:
-        if len(self.split_ratios) != 3 or abs(sum(self.split_ratios) - 1.0) > 1e-6:
-            raise ConfigError("prepare.split_ratios must be three numbers summing to 1")
+        r = self.split_ratios
+        if len(r) != 3 or not all(0 <= x <= 1 for x in r) or not abs(sum(r) - 1.0) <= 1e-6:
+            raise _bad("split_ratios", "three numbers in [0, 1] summing to 1", r)
         bad = sorted(set(self.max_users) - {"train", "val", "test"})
         if bad:
-            raise ConfigError(f"prepare.max_users: unknown split(s) {bad}; use train, val, test")
+            raise ConfigError(f"max_users: unknown split(s) {bad}; use train, val, test")
         if self.max_users and self.split != "user":
-            raise ConfigError("prepare.max_users needs split: user")
-        if any(n < 1 for n in self.max_users.values()):
-            raise ConfigError("prepare.max_users values must be >= 1")
-        if self.user_core < 2:
-            raise ConfigError("prepare.user_core must be >= 2 (a target and a history)")
+            raise ConfigError(f"max_users: needs split: user, got split: {self.split}")
+        for split, n in self.max_users.items():
+            if not n >= 1:
+                raise _bad(f"max_users.{split}", ">= 1", n)
+        if not self.user_core >= 2:
+            raise _bad("user_core", ">= 2 (a target and a history)", self.user_core)
+        _at_least(
+            self, 1, "item_core", "max_history", "train_negatives", "eval_negatives", "num_blocks"
+        )
+        _at_least(self, 0, "seed")
 
 
 @dataclass
@@ -217,6 +354,10 @@ class UserPreferencesConfig:
     noun: str = "item"
     """What the prompts call an item ("video" for MicroLens, "product" for Amazon)."""
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "block_size")
+        _non_empty(self, "noun")
+
 
 @dataclass
 class LoraConfig:
@@ -226,6 +367,13 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     train_vision: bool = False
     """Also adapt the vision tower and projector (frozen by default)."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "r", "alpha")
+        _in_range(self, "dropout", 0, 1, "[)")
+        _non_empty(self, "target_modules")
+        if not all(self.target_modules):
+            raise _bad("target_modules", "non-empty module names", self.target_modules)
 
 
 @dataclass
@@ -238,6 +386,11 @@ class ZeroConfig:
     persistence_threshold: Optional[int] = None
     """ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's
     ``stage3_param_persistence_threshold``; None keeps its default, 1e5). 0 partitions all."""
+
+    def __post_init__(self) -> None:
+        if self.offload_params and self.stage != 3:
+            raise ConfigError(f"offload_params: needs stage: 3, got stage: {self.stage}")
+        _at_least(self, 0, "persistence_threshold")
 
 
 @dataclass
@@ -280,18 +433,27 @@ class TrainConfig:
     (counted as ``fallback_users``), or quarantine their samples."""
 
     def __post_init__(self) -> None:
-        for name in (
+        _non_empty(self, "model")
+        _known_family(self)
+        _at_least(
+            self,
+            1,
             "num_workers",
             "micro_batch_size",
             "grad_accum_steps",
+            "epochs",
+            "max_length",
+            "image_size",
             "checkpoint_every",
             "checkpoints_to_keep",
             "log_every",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1")
-        if self.max_failures < -1:
-            raise ConfigError("train.max_failures must be >= -1 (-1: retry forever)")
+        )
+        _minus_one_or_positive(self, "max_steps")
+        _at_least(self, 0, "cpus_per_worker", "weight_decay", "grad_clip", "seed", "eval_samples")
+        _whole_above_one(self, "cpus_per_worker")
+        _positive(self, "learning_rate")
+        if not self.max_failures >= -1:
+            raise _bad("max_failures", ">= -1 (-1: retry forever)", self.max_failures)
 
 
 @dataclass
@@ -309,6 +471,16 @@ class EvaluateConfig:
     them from its KV cache (same scores up to float rounding; set ``pool.batch_size`` to a
     multiple of the candidates per user so that users are not split across batches)."""
 
+    def __post_init__(self) -> None:
+        if not self.ks or not all(k >= 1 for k in self.ks) or len(set(self.ks)) != len(self.ks):
+            raise _bad("ks", "a non-empty list of distinct ks, each >= 1", self.ks)
+        unknown = [b for b in self.baselines if b not in KNOWN_BASELINES]
+        if unknown:
+            raise ConfigError(f"baselines: unknown {unknown}; known: {list(KNOWN_BASELINES)}")
+        if len(set(self.baselines)) != len(self.baselines):
+            raise _bad("baselines", "distinct", self.baselines)
+        _minus_one_or_positive(self, "max_users")
+
 
 @dataclass
 class RayConfig:
@@ -316,6 +488,12 @@ class RayConfig:
     """Ray address; None starts an embedded local Ray (``RAY_ADDRESS`` also works)."""
     num_cpus: Optional[int] = None
     object_store_memory: Optional[int] = 1_000_000_000
+    """Bytes; None lets Ray choose."""
+
+    def __post_init__(self) -> None:
+        _non_empty(self, "address")
+        _at_least(self, 1, "num_cpus")
+        _at_least(self, RAY_MIN_OBJECT_STORE_BYTES, "object_store_memory")
 
 
 @dataclass
@@ -356,6 +534,10 @@ class PipelineConfig:
         bad = [s for s in self.stages if s not in known]
         if bad:
             raise ConfigError(f"stages: unknown stage(s) {bad}; known: {sorted(known)}")
+        if not self.stages or len(set(self.stages)) != len(self.stages):
+            raise _bad("stages", "a non-empty list of distinct stages", self.stages)
+        _non_empty(self, "name", "run_dir", "cache_dir")
+        _at_least(self, 0, "seed")
 
 
 # --------------------------------------------------------------------------- loading
@@ -443,8 +625,8 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
         kwargs[name] = _coerce(value, hints[name], key)
     try:
         return cls(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(f"{prefix + ': ' if prefix else ''}{exc}") from None
+    except ConfigError as exc:  # the message starts with the field name: prefix the section
+        raise ConfigError(f"{prefix}.{exc}" if prefix else str(exc)) from None
 
 
 def apply_override(data: dict, override: str) -> None:
@@ -484,6 +666,101 @@ def load_config(
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     return config_from_dict(data, overrides)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def models_in_use(cfg: PipelineConfig) -> list[tuple[str, str, str]]:
+    """``(dotted key, model spec, family)`` of each model a stage in ``cfg.stages`` loads.
+
+    ``item_summaries`` loads its engine's model when enabled; ``user_preferences`` its engine's;
+    ``train`` the recommender ``train.model``, which ``evaluate`` also loads for ``zero_shot``
+    (its ``fine_tuned`` method runs only after ``train``).
+    """
+    used = []
+    if "item_summaries" in cfg.stages and cfg.item_summaries.enabled:
+        engine = cfg.item_summaries.engine
+        used.append(("item_summaries.engine", engine.model, engine.family))
+    if "user_preferences" in cfg.stages:
+        engine = cfg.user_preferences.engine
+        used.append(("user_preferences.engine", engine.model, engine.family))
+    if "train" in cfg.stages or (
+        "evaluate" in cfg.stages and "zero_shot" in cfg.evaluate.baselines
+    ):
+        used.append(("train", cfg.train.model, cfg.train.family))
+    return [(f"{section}.model", model, family) for section, model, family in used]
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the hub model ``repo_id`` has a ``config.json`` in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # HFValidationError: not a valid repo id (a path, say)
+        return False
+    return isinstance(found, str)  # None: never fetched; a sentinel: known to be absent
+
+
+def check_model(key: str, spec: str, family: str | None = None) -> None:
+    """Check that the model ``spec`` (the value of the config key ``key``) can be loaded offline.
+
+    ``tiny:<name>`` must name a tiny model (:data:`mllm_msr.tiny.TINY_SPECS`; nothing is built),
+    ``pkg:<name>`` a packaged model whose package is installed (:mod:`mllm_msr.models`); any other
+    spec must be an existing local directory or a hub id already in the local Hugging Face
+    cache (runs never download). With ``family``, a tiny or packaged model must be of that
+    family. Imports neither torch, vLLM nor Ray. Raises :class:`ConfigError` naming ``key``.
+    """
+    from mllm_msr import models, tiny
+
+    family_key = key.rsplit(".", 1)[0] + ".family" if "." in key else "family"
+    if spec.startswith(tiny.TINY_PREFIX):
+        name = spec[len(tiny.TINY_PREFIX) :]
+        if name not in tiny.TINY_SPECS:
+            known = sorted(tiny.TINY_PREFIX + n for n in tiny.TINY_SPECS)
+            raise ConfigError(f"{key}: {spec!r} is not a known tiny model; known: {known}")
+        built = tiny.TINY_SPECS[name].family
+    elif spec.startswith(models.PACKAGED_PREFIX):
+        name = spec[len(models.PACKAGED_PREFIX) :]
+        if name not in models.PACKAGED_MODELS:
+            known = sorted(models.PACKAGED_PREFIX + n for n in models.PACKAGED_MODELS)
+            raise ConfigError(f"{key}: {spec!r} is not a known packaged model; known: {known}")
+        try:
+            models.gguf_path(models.PACKAGED_MODELS[name])
+        except models.MissingModelPackageError as exc:
+            raise ConfigError(f"{key}: {spec!r}: {exc}") from None
+        built = models.PACKAGED_MODELS[name].family
+    else:
+        path = Path(spec)
+        if path.is_dir() or _in_hub_cache(spec):
+            return
+        where = f"no local directory {str(path.absolute())!r}"
+        if not (path.is_absolute() or spec.startswith((".", "~")) or spec.count("/") > 1):
+            from huggingface_hub import constants
+
+            where += (
+                f" and no hub id {spec!r} in the local Hugging Face cache "
+                f"{constants.HF_HUB_CACHE!r}"
+            )
+        raise ConfigError(
+            f"{key}: model {spec!r} not found: {where} (runs never download: give a model "
+            f"folder, fetch the hub model into that cache first, or use tiny:<name> / pkg:<name>)"
+        )
+    if family is not None and family != built:
+        raise ConfigError(
+            f"{family_key}: {spec!r} ({key}) is a {built!r} model, got family {family!r}"
+        )
+
+
+def validate_models(cfg: PipelineConfig) -> None:
+    """Check every model the configured stages load (:func:`models_in_use`, :func:`check_model`).
+
+    Fast and side-effect free (no torch, vLLM or Ray; nothing built or downloaded): call it
+    before Ray starts. Raises :class:`ConfigError` on the first missing model.
+    """
+    for key, spec, family in models_in_use(cfg):
+        check_model(key, spec, family)
 
 
 def to_dict(cfg: Any) -> dict:

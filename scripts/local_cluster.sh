@@ -50,7 +50,11 @@
 #   MLLM_MSR_RAY_PORT, MLLM_MSR_RAY_DASHBOARD_PORT, MLLM_MSR_RAY_CLIENT_PORT,
 #   MLLM_MSR_RAY_AGENT_PORT   GCS / dashboard / Ray client / dashboard agent ports
 #                             (defaults 6379, 8265, 10001, 52365)
-#   MLLM_MSR_RAY_FREE_PORTS=1 pick free ports for all four instead (several clusters per host)
+#   MLLM_MSR_RAY_MIN_WORKER_PORT, MLLM_MSR_RAY_MAX_WORKER_PORT   port range of the worker
+#                             processes (defaults 10002, 19999, as `ray start`; 0 and 0: ports
+#                             the OS chooses, never one another cluster already holds)
+#   MLLM_MSR_RAY_FREE_PORTS=1 pick free ports for all of these instead (several clusters per
+#                             host; Ray's other ports are always chosen by the OS)
 #   MLLM_MSR_RAY_START_TIMEOUT  seconds to wait for the job API (default 120)
 #   MLLM_MSR_RAY_DRAIN_S      seconds Ray may drain the node on `stop` (default 0: stop at once,
 #                             as `ray stop` does; running jobs are killed either way)
@@ -151,14 +155,17 @@ cmd_start() {
   fi
   local port=${MLLM_MSR_RAY_PORT:-6379} dport=${MLLM_MSR_RAY_DASHBOARD_PORT:-8265}
   local cport=${MLLM_MSR_RAY_CLIENT_PORT:-10001} aport=${MLLM_MSR_RAY_AGENT_PORT:-52365}
+  local wmin=${MLLM_MSR_RAY_MIN_WORKER_PORT:-10002} wmax=${MLLM_MSR_RAY_MAX_WORKER_PORT:-19999}
   if [ "${MLLM_MSR_RAY_FREE_PORTS:-0}" = 1 ]; then
     read -r port dport cport aport < <("$PY" "$HELPER" free-ports 4)
+    wmin=0 wmax=0
   fi
   local cluster_id
   cluster_id=$("$PY" -c 'import uuid; print(uuid.uuid4().hex)')
   local args=(start --head --block --node-ip-address=127.0.0.1
     --port="$port" --ray-client-server-port="$cport"
     --dashboard-host=127.0.0.1 --dashboard-port="$dport" --dashboard-agent-listen-port="$aport"
+    --min-worker-port="$wmin" --max-worker-port="$wmax"
     --temp-dir="$DIR/ray"
     --object-store-memory="${MLLM_MSR_RAY_OBJECT_STORE_BYTES:-1000000000}"
     --disable-usage-stats)

@@ -1,6 +1,7 @@
 """The local cluster flow end to end: ``scripts/local_cluster.sh`` start -> submit -> stop.
 
-A head node with token authentication starts in a temp dir on free ports; every port of the
+A head node with token authentication starts in a temp dir on free ports (another Ray cluster
+on the host may hold the default ones; workers bind ports the OS chooses); every port of the
 cluster listens on loopback only; the job API refuses requests without the token; ``ray job
 submit --working-dir`` runs the whole pipeline job on a reduced CPU demo (every stage: vLLM
 summaries, Ray Train, scoring) to SUCCEEDED; its logs, outputs and ``metrics.json`` are checked;
@@ -67,6 +68,16 @@ def _http_status(url: str, token: str | None) -> int:
             return r.status
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+def _name_and_cmdline(process) -> tuple[str, str]:
+    """A psutil process's name and command line ("" for a process that has gone)."""
+    import psutil
+
+    try:
+        return process.name(), " ".join(process.cmdline())
+    except psutil.Error:
+        return "", ""
 
 
 def _state(state_dir: Path) -> dict[str, str]:
@@ -241,19 +252,27 @@ def _listening_addresses(pids: set[int]) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # 120-260 s on a quiet machine; timed out at 300 s under load
 def test_local_cluster_token_auth_submit_and_stop() -> None:
     work = Path(tempfile.mkdtemp(prefix="mmc-"))  # short: Ray's socket paths have a length cap
     state_dir, run_dir = work / "c", work / "run"
     home_token = Path.home() / ".ray" / "auth_token"  # what a bare `ray.init()` writes
+    helper, state = _helper(), {}
+    # Another Ray cluster on this host may hold Ray's default ports (6379, 8265, 10001, 52365 and
+    # workers' 10002-19999): use ports free right now, and worker ports the OS chooses (0, 0).
+    gcs_port, dashboard_port, client_port, agent_port = helper.free_ports(4)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(
         MLLM_MSR_RAY_DIR=str(state_dir),
-        MLLM_MSR_RAY_FREE_PORTS="1",
+        MLLM_MSR_RAY_PORT=str(gcs_port),
+        MLLM_MSR_RAY_DASHBOARD_PORT=str(dashboard_port),
+        MLLM_MSR_RAY_CLIENT_PORT=str(client_port),
+        MLLM_MSR_RAY_AGENT_PORT=str(agent_port),
+        MLLM_MSR_RAY_MIN_WORKER_PORT="0",
+        MLLM_MSR_RAY_MAX_WORKER_PORT="0",
         MLLM_MSR_RAY_NUM_CPUS="2",
         MLLM_MSR_RAY_OBJECT_STORE_BYTES="500000000",
     )
-    helper, state = _helper(), {}
     try:
         t0 = time.monotonic()
         started = _run(["start"], env, timeout=150)
@@ -261,6 +280,17 @@ def test_local_cluster_token_auth_submit_and_stop() -> None:
         assert started.returncode == 0, started.stdout + started.stderr
         state = _state(state_dir)
         assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+        assert state["GCS_PORT"] == str(gcs_port)
+        assert state["DASHBOARD_URL"] == f"http://127.0.0.1:{dashboard_port}"
+        raylets = [
+            cmd
+            for name, cmd in map(
+                _name_and_cmdline,
+                helper.cluster_processes(int(state["RAY_PID"]), state["CLUSTER_ID"]),
+            )
+            if name == "raylet"
+        ]
+        assert raylets and all("--min_worker_port=0" in cmd for cmd in raylets), raylets
 
         # Token auth: a file only we can read, outside the repository; ~/.ray is left alone.
         token_file = Path(state["TOKEN_FILE"])

@@ -103,4 +103,9 @@ def test_answer_loss_equals_the_models_own_loss(model):
     ours = answer_loss(net, batch)
     (g_ours,) = torch.autograd.grad(ours, [net.get_input_embeddings().weight])
     assert ours.item() == pytest.approx(full.item(), rel=1e-5)
-    torch.testing.assert_close(g_ours, g_full, rtol=1e-4, atol=1e-6)
+    # float32 rounding grows with the magnitudes summed, so the absolute tolerance scales with
+    # the gradient: a fixed atol=1e-6 failed on an AMD EPYC (1 of 76,288 elements off by 2.9e-6,
+    # max |gradient| ~6.6). A wrong loss (another position, prompt tokens) differs by O(max).
+    scale = g_full.abs().max().item()
+    torch.testing.assert_close(g_ours, g_full, rtol=1e-4, atol=1e-4 * scale)
+    assert ((g_ours - g_full).norm() / g_full.norm()).item() < 1e-4

@@ -192,7 +192,7 @@ class TestTextLLM:
         base = engine.score_yes_no(chats)
         tuned = engine.score_yes_no(chats, lora_path=adapter)
         assert all(0.0 < s < 1.0 for s in base + tuned)
-        assert engine.score_yes_no(chats[1:2]) == pytest.approx(base[1:2], abs=1e-6)
+        assert engine.score_yes_no(chats[1:2]) == pytest.approx(base[1:2], abs=1e-5)
         yes, no = engine.answer_token_ids()
         tok = engine.tokenizer
         for chat, got_base, got_tuned in zip(chats, base, tuned):

@@ -19,11 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mllm_msr.config import PipelineConfig
+from mllm_msr.config import KNOWN_BASELINES, PipelineConfig
 from mllm_msr.metrics import evaluate_scores
 from mllm_msr.runtime import RunDir
-
-KNOWN_BASELINES = ("popularity", "sasrec", "zero_shot", "random")
 
 
 def select_users(candidates: pa.Table, split: str, max_users: int, seed: int) -> pa.Table:
