@@ -504,6 +504,13 @@ class PipelineConfig:
     cache_dir: str = ".cache/mllm_msr"
     """Where tiny models and compiled artifacts are cached."""
     seed: int = 0
+    check_models: bool = True
+    """Before Ray starts, check that every model a stage about to run loads exists locally
+    (:func:`validate_models`). Set false where the driver does not hold the weights that the
+    workers do (a cluster head node without the models)."""
+    no_progress_timeout_s: float = 1800.0
+    """A stage whose outputs and progress do not move for this long fails, naming the stage
+    (0 disables). Long enough for a slow engine start or a large checkpoint."""
     stages: list[str] = field(
         default_factory=lambda: [
             "ingest",
@@ -538,6 +545,7 @@ class PipelineConfig:
             raise _bad("stages", "a non-empty list of distinct stages", self.stages)
         _non_empty(self, "name", "run_dir", "cache_dir")
         _at_least(self, 0, "seed")
+        _at_least(self, 0, "no_progress_timeout_s")
 
 
 # --------------------------------------------------------------------------- loading

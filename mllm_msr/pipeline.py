@@ -16,6 +16,7 @@ skipped, why it ran).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import time
@@ -155,6 +156,11 @@ def run_pipeline(
     }
     if dry_run:
         return summary
+    running = [s.stage for s in steps if s.run]
+    if cfg.check_models and running:  # before Ray starts and before any stage deletes anything
+        from mllm_msr.config import validate_models
+
+        validate_models(dataclasses.replace(cfg, stages=running))
     t_all = time.perf_counter()
     with RunLease(run, log=log) as lease:
         if any(s.run for s in steps):
