@@ -93,7 +93,8 @@ def test_damaged_parts_are_noticed_and_redone_never_fatal(ray_local, tmp_path):
     assert run.read_table("item_summaries").sort_by("item_id").equals(summaries)
 
 
-def test_a_failing_rerun_deletes_no_valid_summary(ray_local, tmp_path):
+@pytest.mark.parametrize("check_models", ["true", "false"])  # the pipeline's check, the stage's
+def test_a_failing_rerun_deletes_no_valid_summary(ray_local, tmp_path, check_models):
     stages = "stages=[ingest,item_summaries]"
     run_pipeline(_cfg(tmp_path, stages), log=_quiet)
     run = RunDir(str(tmp_path / "run"))
@@ -104,6 +105,7 @@ def test_a_failing_rerun_deletes_no_valid_summary(ray_local, tmp_path):
         stages,
         "item_summaries.enabled=true",
         "item_summaries.engine.model=/nonexistent",
+        f"check_models={check_models}",
     )
     with pytest.raises(ValueError, match="/nonexistent"):
         run_pipeline(bad, force=["item_summaries"], log=_quiet)
