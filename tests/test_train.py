@@ -15,6 +15,7 @@ of Ray Train runs small:
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -445,8 +446,15 @@ def test_zero3_resumes_and_continues_the_step_count(ray_local, tmp_path):
     from mllm_msr.stages.train import run_train
 
     run = _toy_run(tmp_path / "run")
+    # A stale torch build lock for DeepSpeed's comm op (as left by a loader killed mid-load)
+    # used to hang every later training; the workers remove it under our kernel lock.
+    ext_dir = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(_cache_dir()) / "torch_extensions"
+    baton = Path(ext_dir) / "deepspeed_shm_comm" / "lock"
+    baton.parent.mkdir(parents=True, exist_ok=True)
+    baton.touch()
     zero3 = ("train.zero.stage=3", "train.zero.persistence_threshold=0")
     first = run_train(_train_cfg(tmp_path / "run", *zero3, "train.max_steps=3"), run)
+    assert not baton.exists()
     assert first["steps"] == 3 and first["resumed_from_steps"] == []
     # ZeRO-3 partitions the (frozen) base weights: each of 2 ranks holds about half of them
     held = [r["params"] for r in first["rank_state_bytes"]]

@@ -7,12 +7,27 @@ optimizer is declared in the DeepSpeed config and ``cpu_adam`` (~50 s) for ZeRO 
 unless offloading (which needs DeepSpeed's own CPU Adam), we pass a torch ``AdamW`` with
 ``zero_allow_untested_optimizer: true``. :func:`warm_ops` builds the communication op ahead of
 time (CI, image builds).
+
+Op builds and loads are serialized by our own kernel lock (:func:`op_lock`). torch's JIT loader
+(``torch.utils.cpp_extension._jit_compile``) takes a ``FileBaton`` -- a ``lock`` file created
+with ``O_EXCL`` in the op's build directory -- on *every* load, not only on a build, and waits
+for it to disappear forever. A process killed while loading or building an op leaves that file
+behind and every later training hung. Under our ``fcntl.flock`` (which the kernel drops when its
+holder dies) no live process of ours holds the baton, so a ``lock`` file found there is stale and
+is removed. :func:`ensure_ops` installs this around DeepSpeed's ``OpBuilder.jit_load`` (every JIT
+load of every op) and loads the communication op; :func:`initialize` calls it first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
+import logging
 import os
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +37,18 @@ import torch
 
 from mllm_msr.config import TrainConfig
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_TAG = "state"
 """DeepSpeed checkpoint tag inside each Ray Train checkpoint directory."""
+
+OP_LOCK_FILE = "mllm_msr.flock"
+"""Our kernel lock, in the extensions root next to the ops' build directories."""
+BATON_FILE = "lock"
+"""torch's ``FileBaton`` file in an extension's build directory (``cpp_extension._jit_compile``)."""
+OP_LOCK_TIMEOUT_S = 1800.0
+"""Give up waiting for another live process's op build/load after this long (it logs meanwhile);
+``$MLLM_MSR_OP_LOCK_TIMEOUT_S`` overrides it."""
 
 
 def set_extensions_dir(cache_dir: str | os.PathLike) -> str:
@@ -33,12 +58,135 @@ def set_extensions_dir(cache_dir: str | os.PathLike) -> str:
     return path
 
 
-def warm_ops(cache_dir: str | os.PathLike) -> bool:
-    """Build (or load the cached) ``deepspeed_shm_comm`` op; True when it is available."""
-    set_extensions_dir(cache_dir)
+def op_build_dir(name: str) -> Path:
+    """The directory torch's JIT loader builds and loads extension ``name`` in."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return Path(_get_build_directory(name, verbose=False))
+    except ImportError:  # private helper gone: its documented behaviour
+        from torch.utils.cpp_extension import get_default_build_root
+
+        return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
+
+
+_held = threading.local()
+
+
+def _holder(lock_path: Path) -> str:
+    try:
+        return lock_path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+@contextlib.contextmanager
+def op_lock(name: str, timeout_s: float | None = None) -> Iterator[Path]:
+    """Hold the extensions root's kernel lock while building/loading op ``name``; yield its
+    build directory.
+
+    ``fcntl.flock`` on ``<extensions root>/mllm_msr.flock``: the kernel releases it when its
+    holder dies, so a killed loader never blocks the next one. Waiting is logged (with the
+    holder written into the file) and gives up after ``timeout_s`` (default
+    ``$MLLM_MSR_OP_LOCK_TIMEOUT_S`` or 1800 s). While it is held, torch's ``FileBaton`` file in
+    the build directory is stale by construction (every process of ours takes this lock before
+    torch takes the baton) and is removed. Re-entrant within a thread.
+    """
+    build_dir = op_build_dir(name)
+    if getattr(_held, "depth", 0):
+        _held.depth += 1
+        try:
+            yield build_dir
+        finally:
+            _held.depth -= 1
+        return
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("MLLM_MSR_OP_LOCK_TIMEOUT_S", OP_LOCK_TIMEOUT_S))
+    lock_path = build_dir.parent / OP_LOCK_FILE
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        start = last_log = time.monotonic()
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                now = time.monotonic()
+                if not waited or now - last_log >= 60:
+                    log.warning(
+                        "waiting for %s (held by %s) to load op %s; waited %.0f s",
+                        lock_path,
+                        _holder(lock_path),
+                        name,
+                        now - start,
+                    )
+                    waited, last_log = True, now
+                if now - start >= timeout_s:
+                    raise TimeoutError(
+                        f"DeepSpeed op {name}: {lock_path} still held by {_holder(lock_path)} "
+                        f"after {timeout_s:.0f} s (raise MLLM_MSR_OP_LOCK_TIMEOUT_S if a build "
+                        "is legitimately this slow)"
+                    ) from None
+                time.sleep(0.2)
+        if waited:
+            log.info("got %s after %.0f s", lock_path, time.monotonic() - start)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} for op {name}\n".encode(), 0)
+        baton = build_dir / BATON_FILE
+        if baton.exists():
+            log.warning(
+                "removing stale torch extension build lock %s (left by a process that died "
+                "while building or loading %s; no live process holds %s)",
+                baton,
+                name,
+                lock_path,
+            )
+            baton.unlink(missing_ok=True)
+        _held.depth = 1
+        try:
+            yield build_dir
+        finally:
+            _held.depth = 0
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _install_op_lock() -> None:
+    """Make every JIT load/build of a DeepSpeed op (``OpBuilder.jit_load``) go through
+    :func:`op_lock`. Prebuilt ops (``DS_BUILD_OPS=1`` installs) are imported without torch's
+    baton and are left alone. Idempotent."""
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    jit_load = OpBuilder.jit_load
+    if getattr(jit_load, "_mllm_msr_op_lock", False):
+        return
+
+    @functools.wraps(jit_load)
+    def locked_jit_load(self, *args, **kwargs):
+        with op_lock(self.name):
+            return jit_load(self, *args, **kwargs)
+
+    locked_jit_load._mllm_msr_op_lock = True  # type: ignore[attr-defined]
+    OpBuilder.jit_load = locked_jit_load
+
+
+def ensure_ops() -> bool:
+    """Guard every DeepSpeed op load with :func:`op_lock` and load (building once per
+    extensions directory) the ``deepspeed_shm_comm`` op that ``deepspeed.initialize`` loads on
+    CPU; True when that op is available. Call before anything that may load a DeepSpeed op.
+    """
+    _install_op_lock()
     from deepspeed.comm.torch import build_shm_op
 
     return build_shm_op() is not None
+
+
+def warm_ops(cache_dir: str | os.PathLike) -> bool:
+    """Build (or load the cached) ``deepspeed_shm_comm`` op; True when it is available."""
+    set_extensions_dir(cache_dir)
+    return ensure_ops()
 
 
 def use_bf16(train: TrainConfig) -> bool:
@@ -88,6 +236,7 @@ def offloads_optimizer(train: TrainConfig) -> bool:
 
 def initialize(model: torch.nn.Module, train: TrainConfig, world_size: int) -> Any:
     """Wrap ``model`` (its trainable parameters) in a DeepSpeed engine and return the engine."""
+    ensure_ops()  # before deepspeed.initialize -> init_distributed -> TorchBackend loads the op
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
     if not offloads_optimizer(train):
