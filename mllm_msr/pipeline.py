@@ -119,7 +119,19 @@ def run_stage(cfg: PipelineConfig, run: RunDir, step: Step, log=print) -> dict:
         kwargs["fresh"] = True
     if "log" in params:
         kwargs["log"] = log
-    summary = func(cfg, run, **kwargs) or {}
+    from mllm_msr.watchdog import no_progress_watchdog, ray_data_no_progress
+
+    watched = [*spec.outputs, *spec.scratch]
+    limit = cfg.no_progress_timeout_s
+
+    def progress() -> tuple[int, int]:
+        """What moves while a stage works: its output and checkpoint files, and their sizes."""
+        return run.usage(watched)
+
+    setting = "no_progress_timeout_s"
+    with no_progress_watchdog(step.stage, limit, progress, setting=setting):
+        with ray_data_no_progress(step.stage, limit, setting=setting):
+            summary = func(cfg, run, **kwargs) or {}
     record = {
         **step.fingerprint.record(),
         "parts": run.manifest(list(spec.outputs)),

@@ -140,6 +140,20 @@ class RunDir:
             and ".tmp" not in i.base_name
         )
 
+    def usage(self, rels: list[str]) -> tuple[int, int]:
+        """Number of files and bytes at or under each of ``rels`` (one listing each)."""
+        count = size = 0
+        for rel in rels:
+            info = self.fs.get_file_info(self.path(rel))
+            if info.type == pafs.FileType.File:
+                count, size = count + 1, size + (info.size or 0)
+            elif info.type == pafs.FileType.Directory:
+                sel = pafs.FileSelector(self.path(rel), recursive=True)
+                for i in self.fs.get_file_info(sel):
+                    if i.type == pafs.FileType.File:
+                        count, size = count + 1, size + (i.size or 0)
+        return count, size
+
     def describe_file(self, rel: str) -> dict:
         """Size, SHA-256 and (Parquet) row count of one file: what a rerun verifies."""
         digest = hashlib.sha256()

@@ -223,3 +223,23 @@ def test_a_holder_whose_lease_was_taken_stops(tmp_path):
         lease.check()
     lease.release()
     assert run.exists(LEASE_FILE)  # not ours: left alone
+
+
+def test_a_stage_without_progress_fails_naming_the_stage(tmp_path, monkeypatch):
+    from mllm_msr import pipeline, runtime
+    from mllm_msr.watchdog import StageStalled
+
+    def stuck(cfg, run):
+        time.sleep(60)  # a hang: nothing written
+
+    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline, "stage_function", lambda name: stuck)
+    cfg = _cfg(tmp_path, "stages=[ingest]", "no_progress_timeout_s=1")
+    t0 = time.monotonic()
+    with pytest.raises(
+        StageStalled, match="stage 'ingest' made no progress.*no_progress_timeout_s"
+    ):
+        pipeline.run_pipeline(cfg, log=lambda *_: None)
+    assert time.monotonic() - t0 < 20
+    assert not RunDir(cfg.run_dir).stage_done("ingest")
+    assert not RunDir(cfg.run_dir).exists(LEASE_FILE)  # the lease is released on failure
