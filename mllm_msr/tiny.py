@@ -32,6 +32,7 @@ by default (``return_mm_token_type_ids=True``); pass the processor's whole outpu
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -518,6 +519,18 @@ def build_tiny(name: str, cache_dir: str | os.PathLike | None = None, force: boo
     if not force and _is_current(final, spec):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    # One builder per model and cache at a time, across processes (Ray Train workers on a cold
+    # cache all ask at once): the others wait on the kernel lock, then find the copy current.
+    locks = root / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"tiny-{name}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and _is_current(final, spec):
+            return final
+        return _build_and_publish(name, spec, final, force)
+
+
+def _build_and_publish(name: str, spec: TinySpec, final: Path, force: bool) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=final.parent))
     try:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
