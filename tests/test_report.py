@@ -432,3 +432,36 @@ def test_evaluate_stage_writes_intervals_provenance_and_report(tmp_path):
     text = (tmp_path / "run" / "report.html").read_text()
     assert 'id="metrics"' in text and len(_images(text)) == 3  # curves, histograms, stages
     assert not (tmp_path / "run" / "model_card.md").exists()
+
+
+def test_a_portable_adapter_loads_for_scoring_by_the_configs_model(tmp_path):
+    """Scoring loads the base by ``train.model`` and puts the adapter on it: the adapter's
+    ``base_model_name_or_path`` (now a spec, not a path) is never opened."""
+    import torch
+
+    from mllm_msr.adapter_card import finalize_adapter
+    from mllm_msr.config import LoraConfig
+    from mllm_msr.engines.peft import apply_lora, save_adapter
+    from mllm_msr.stages.score import load_recommender
+    from mllm_msr.tiny import resolve_model
+
+    base = resolve_model("tiny:qwen2")
+    torch.manual_seed(0)
+    model = apply_lora(load_recommender(base, None), LoraConfig(r=4))
+    with torch.no_grad():  # a non-trivial adapter (lora_B starts at 0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.eval()
+    save_adapter(model, tmp_path / "adapter")
+    cfg = config_from_dict({"train": {"model": "tiny:qwen2", "family": "qwen2"}})
+    finalize_adapter(tmp_path / "adapter", cfg)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "tiny:qwen2"
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    loaded = load_recommender(base, str(tmp_path / "adapter"))
+    plain = load_recommender(base, None)
+    with torch.no_grad():
+        want, got, without = (m(input_ids=ids).logits for m in (model, loaded, plain))
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, without)  # the adapter is applied
