@@ -1,4 +1,9 @@
-"""Readable metrics tables: one row per method, metrics ×100 as in the paper.
+"""Readable metrics tables (one row per method, metrics ×100 as in the paper) and the per-run
+report ``report.html`` (:func:`write_report`, called by the evaluate stage): self-contained
+(matplotlib figures embedded as base64 PNGs), with the metrics and their bootstrap intervals,
+paired differences of the fine-tuned model to each baseline, HR@k / NDCG@k curves, training and
+validation loss, score histograms, user sensitivity (when computed), stage times and counts, and
+the run's provenance.
 
 >>> print(format_metrics_table({"popularity": {"auc": 0.5, "hr@5": 0.25, "n_users": 4}},
 ...                            metrics=["auc", "hr@5"]))
@@ -237,6 +242,16 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str =
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+def _ordered(by_method: Mapping) -> dict:
+    """``by_method`` with the known methods first, in :data:`METHOD_ORDER`, then the rest."""
+    known = [m for m in METHOD_ORDER if m in by_method]
+    return {m: by_method[m] for m in known + sorted(set(by_method) - set(known))}
+
+
+def _details(summary: str, content: str) -> str:
+    return f"<details><summary>{summary}</summary>{content}</details>"
+
+
 def _pct(v) -> str:
     return "-" if v is None or v != v else f"{100 * v:.2f}"
 
@@ -373,12 +388,24 @@ def build_report(
     from mllm_msr.contract import ORDER
 
     ks = [int(k) for k in metrics.get("ks", DEFAULT_KS)]
+    metrics = {  # methods in display order (metrics.json sorts its keys)
+        **metrics,
+        **{
+            k: _ordered(metrics[k]) for k in ("methods", "intervals", "paired_diff") if k in metrics
+        },
+    }
     methods = metrics.get("methods", {})
     names = metric_names(ks)
     parts: dict[str, str] = {}
 
-    parts["metrics"] = _metrics_section(metrics, names)
-    parts["paired"] = _paired_section(metrics, names)
+    # HR and NDCG in the main tables (they fit a page); every metric, MRR too, under "all".
+    main = ["auc", "uauc", *[f"hr@{k}" for k in ks], *[f"ndcg@{k}" for k in ks]]
+    parts["metrics"] = _metrics_section(metrics, main) + _details(
+        "all metrics (MRR@k too)", _metrics_section(metrics, names)
+    )
+    parts["paired"] = _paired_section(metrics, main) + _details(
+        "all metrics (MRR@k too)", _paired_section(metrics, names)
+    )
     if methods:
         fig = curves_figure(methods, ks, metrics.get("intervals"))
         parts["curves"] = _img(_png(fig), "HR@k and NDCG@k per method")
@@ -400,8 +427,7 @@ def build_report(
     for path in run.table_files("scores"):
         method = path.rsplit("/", 1)[-1][: -len(".parquet")]
         tables[method] = pq.read_table(path, columns=["label", "score"], filesystem=run.fs)
-    order = [m for m in METHOD_ORDER if m in tables] + sorted(set(tables) - set(METHOD_ORDER))
-    tables = {m: tables[m] for m in order}
+    tables = _ordered(tables)
     if tables:
         parts["scores"] = _img(_png(score_histograms_figure(tables)), "score histograms")
     else:
