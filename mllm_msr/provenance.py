@@ -159,7 +159,7 @@ def _local_weights(spec: str, cache_dir: str) -> dict:
     from mllm_msr.tiny import resolve_model
 
     try:
-        path = Path(resolve_model(spec, cache_dir))
+        path = Path(resolve_model(spec, cache_dir)).absolute()
     except Exception as exc:  # a missing packaged model, a failed tiny build
         return {"path": None, "sha256": None, "note": f"not resolved: {exc}"}
     if not path.is_dir():
