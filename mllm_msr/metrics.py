@@ -269,6 +269,79 @@ def paired_bootstrap_diff(
     return out
 
 
+def bootstrap_methods(
+    tables: dict[str, pa.Table],
+    ks: Sequence[int] = DEFAULT_KS,
+    reference: str | None = "fine_tuned",
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, dict[str, float]]]]:
+    """Bootstrap intervals of every metric of every method, and paired differences.
+
+    ``tables`` maps each method to its score table (``user_id``, ``label``, ``score``). Users
+    are resampled with replacement (:func:`bootstrap_ci`), with the same seed for every method.
+    Returns ``(intervals, paired)``:
+
+    - ``intervals[method][metric] = {"value", "lo", "hi"}`` (percentile interval at 1 - alpha);
+    - ``paired[other][metric] = {"diff", "lo", "hi"}``: ``reference - other`` with a paired
+      bootstrap interval (:func:`paired_bootstrap_diff`), for every other method, when
+      ``reference`` is among ``tables``. Methods scored on different users are compared on the
+      users they share.
+
+    Each method's replicates are computed once and reused for every pair.
+    """
+    lo_q, hi_q = 100 * alpha / 2, 100 * (1 - alpha / 2)
+    columns = {m: _columns(t, None, None, None) for m, t in tables.items()}
+    intervals: dict[str, dict[str, dict[str, float]]] = {}
+    drawn: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+    for method, cols in columns.items():
+        point = evaluate_scores(user_id=cols[0], label=cols[1], score=cols[2], ks=ks)
+        try:
+            drawn[method] = _bootstrap_samples(*cols, ks, n_boot, seed)
+        except ValueError:  # no evaluable user
+            continue
+        intervals[method] = {
+            name: {
+                "value": float(point[name]),
+                "lo": float(np.percentile(v, lo_q)),
+                "hi": float(np.percentile(v, hi_q)),
+            }
+            for name, v in drawn[method][1].items()
+        }
+    paired: dict[str, dict[str, dict[str, float]]] = {}
+    if reference not in drawn:
+        return intervals, paired
+    for other in drawn:
+        if other == reference:
+            continue
+        ref_cols, other_cols = columns[reference], columns[other]
+        ref_draw, other_draw = drawn[reference], drawn[other]
+        if not np.array_equal(ref_draw[0], other_draw[0]):  # compare on the shared users
+            shared = np.intersect1d(ref_draw[0], other_draw[0])
+            if len(shared) == 0:
+                continue
+            ref_cols = tuple(c[np.isin(ref_cols[0], shared)] for c in ref_cols)
+            other_cols = tuple(c[np.isin(other_cols[0], shared)] for c in other_cols)
+            ref_draw = _bootstrap_samples(*ref_cols, ks, n_boot, seed)
+            other_draw = _bootstrap_samples(*other_cols, ks, n_boot, seed)
+        point_ref = evaluate_scores(
+            user_id=ref_cols[0], label=ref_cols[1], score=ref_cols[2], ks=ks
+        )
+        point_other = evaluate_scores(
+            user_id=other_cols[0], label=other_cols[1], score=other_cols[2], ks=ks
+        )
+        paired[other] = {}
+        for name in ref_draw[1]:
+            diff = ref_draw[1][name] - other_draw[1][name]
+            paired[other][name] = {
+                "diff": float(point_ref[name] - point_other[name]),
+                "lo": float(np.percentile(diff, lo_q)),
+                "hi": float(np.percentile(diff, hi_q)),
+            }
+    return intervals, paired
+
+
 def _bootstrap_samples(
     user_id: np.ndarray,
     label: np.ndarray,
@@ -293,9 +366,22 @@ def _bootstrap_samples(
 
     rng = np.random.default_rng(seed)
     samples = {name: np.empty(n_boot) for name in metric_names(ks)}
+    # The all-rows AUC of :func:`auc` with row weights, its score sort done once.
+    n_values = len(values := np.unique(row_score))
+    inverse = np.searchsorted(values, row_score)
+    is_pos = row_label.astype(bool)
     for b in range(n_boot):
         counts = np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
-        samples["auc"][b] = auc(row_label, row_score, weight=counts[row_group])
+        w = counts[row_group]
+        pos = np.bincount(inverse[is_pos], weights=w[is_pos], minlength=n_values)
+        neg = np.bincount(inverse[~is_pos], weights=w[~is_pos], minlength=n_values)
+        n_pos, n_neg = pos.sum(), neg.sum()
+        below = np.cumsum(neg) - neg
+        samples["auc"][b] = (
+            float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
+            if n_pos and n_neg
+            else float("nan")
+        )
         for name, value in _per_user_means(g.rank, g.auc, ks, weight=counts).items():
             samples[name][b] = value
     return g.users, samples

@@ -11,7 +11,7 @@ While it runs the pipeline holds the run directory's lease (:mod:`mllm_msr.lease
 when a stage needs to run, and writes each stage's completion record (fingerprint, config values,
 input fingerprints, prompt versions, parts with size / SHA-256 / rows, summary). At the end it
 writes ``config.json`` and ``run_summary.json`` (per stage: rows in / out / quarantined, seconds,
-skipped, why it ran).
+skipped, why it ran; the run's provenance, :mod:`mllm_msr.provenance`).
 """
 
 from __future__ import annotations
@@ -208,6 +208,9 @@ def run_pipeline(
         run.write_json("config.json", to_dict(cfg))
         if run.exists("metrics.json"):
             summary["metrics"] = run.read_json("metrics.json")
+        from mllm_msr.provenance import collect
+
+        summary["provenance"] = collect(cfg, run)
         run.write_json("run_summary.json", summary)
     return summary
 

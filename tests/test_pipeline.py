@@ -73,7 +73,23 @@ def test_demo_pipeline_end_to_end_then_skips(ray_local, tmp_path):
     for method, m in metrics["methods"].items():
         assert m["n_users"] == n_test, method
         assert 0.0 <= m["auc"] <= 1.0 and 0.0 <= m["hr@1"] <= m["hr@5"] <= m["hr@10"] <= 1.0
-    assert (Path(cfg.run_dir) / "adapter" / "adapter_config.json").exists()
+    # What a user reads (issue 16): intervals, provenance, report, portable adapter, telemetry.
+    for method in metrics["methods"]:
+        assert set(metrics["intervals"][method]) >= {"auc", "hr@1", "ndcg@10"}, method
+    assert set(metrics["paired_diff"]) == {"zero_shot", "popularity", "random"}
+    assert metrics["provenance"]["stage_fingerprints"].keys() >= {"ingest", "train"}
+    assert on_disk["provenance"]["config"]["run_dir"] == cfg.run_dir
+    report = (Path(cfg.run_dir) / "report.html").read_text()
+    for section in ("metrics", "paired", "curves", "training", "scores", "stages", "provenance"):
+        assert f'id="{section}"' in report, section
+    assert report.count("data:image/png;base64,") == 4
+    adapter = json.loads((Path(cfg.run_dir) / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == cfg.train.model  # a spec, not a path
+    assert (
+        "MLLM-MSR recommender adapter" in (Path(cfg.run_dir) / "adapter" / "README.md").read_text()
+    )
+    assert "| fine_tuned |" in (Path(cfg.run_dir) / "model_card.md").read_text()
+    assert list((Path(cfg.run_dir) / "train" / "tensorboard").glob("events.out.tfevents.*"))
 
     again = run_pipeline(cfg)
     assert all(s["skipped"] for s in again["stages"].values())

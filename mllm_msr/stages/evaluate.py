@@ -8,7 +8,10 @@ Methods, side by side in one harness and on the same candidate rows:
 - ``random``: seeded random scores (a sanity floor).
 
 Writes ``scores/<method>.parquet`` and ``metrics.json`` (``{"split", "ks", "methods": {method:
-metrics}}``; each method's metrics include ``n_users`` and ``n_rows``).
+metrics}}``; each method's metrics include ``n_users`` and ``n_rows``; ``intervals`` and
+``paired_diff`` hold seeded bootstrap intervals, ``provenance`` what made the run), then
+``report.html`` (:func:`mllm_msr.report.write_report`) and, with a fine-tuned adapter,
+``model_card.md`` (the adapter's card with the metrics).
 """
 
 from __future__ import annotations
@@ -116,6 +119,10 @@ def run_evaluate(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
         "methods": results,
         "timings": timings,
     }
+    metrics.update(_intervals(cfg, {m: methods[m] for m in results}))
+    from mllm_msr.provenance import collect
+
+    metrics["provenance"] = collect(cfg, run)
     run.write_json("metrics.json", metrics)
     summary = {
         "rows_in": rows.num_rows,
@@ -126,4 +133,53 @@ def run_evaluate(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
         "methods": list(results),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    _write_report(cfg, run, metrics, summary, log)
     return summary
+
+
+BOOTSTRAP_RESAMPLES = 1000
+"""User resamples of the bootstrap intervals in ``metrics.json`` (seeded with ``cfg.seed``)."""
+
+
+def _intervals(cfg: PipelineConfig, tables: dict[str, pa.Table]) -> dict:
+    """``intervals`` (per method, per metric: value, lo, hi), ``paired_diff`` (fine_tuned minus
+    each other method) and the bootstrap's settings, for ``metrics.json``."""
+    from mllm_msr.metrics import bootstrap_methods
+
+    alpha = 0.05
+    intervals, paired = bootstrap_methods(
+        tables,
+        ks=cfg.evaluate.ks,
+        reference="fine_tuned",
+        n_boot=BOOTSTRAP_RESAMPLES,
+        alpha=alpha,
+        seed=cfg.seed,
+    )
+    return {
+        "intervals": intervals,
+        "paired_diff": paired,
+        "bootstrap": {
+            "n_boot": BOOTSTRAP_RESAMPLES,
+            "alpha": alpha,
+            "seed": cfg.seed,
+            "unit": "user",
+            "paired_reference": "fine_tuned" if paired else None,
+        },
+    }
+
+
+def _write_report(cfg: PipelineConfig, run: RunDir, metrics: dict, summary: dict, log) -> None:
+    """``report.html`` and, with a fine-tuned adapter, ``model_card.md`` (the adapter's card with
+    these metrics; the adapter folder itself belongs to the train stage and is left as it is)."""
+    from mllm_msr.adapter_card import model_card
+    from mllm_msr.report import write_report
+
+    try:
+        uri = write_report(run, metrics, title=cfg.name, evaluate_summary=summary)
+        log(f"[evaluate] report: {uri}")
+    except Exception as exc:  # the metrics are written; a figure must not fail the stage
+        log(f"[evaluate] warning: report.html not written: {type(exc).__name__}: {exc}")
+    if "fine_tuned" in metrics["methods"]:
+        card = model_card(cfg, run.stage_summary("train"), metrics)
+        with run.fs.open_output_stream(run.path("model_card.md")) as fh:
+            fh.write(card.encode())

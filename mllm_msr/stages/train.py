@@ -45,6 +45,8 @@ MERGED_DIR = "merged"
 STATE_FILE = "mllm_msr_state.json"
 FINGERPRINT_FILE = "train/fingerprint.json"
 """What the checkpoints under ``train/`` were trained on (see :func:`checkpoint_fingerprint`)."""
+TENSORBOARD_DIR = "train/tensorboard"
+"""TensorBoard event files of rank 0 (:mod:`mllm_msr.telemetry`)."""
 RESUMABLE_KEYS = ("max_steps", "log_every", "checkpoints_to_keep", "max_failures", "merge_adapter")
 """Train settings a checkpoint may be resumed under when they change (``max_steps``: a rerun
 with more steps continues training)."""
@@ -179,6 +181,8 @@ def run_train(
         "has_val": "val" in datasets,
         "steps_per_epoch": per_epoch,
         "fingerprint": ckpt_fp,
+        "tensorboard": run.uri_of(TENSORBOARD_DIR),
+        "run_name": cfg.name,
         "fail_once": None
         if fail_once_at_step is None
         else {"step": fail_once_at_step, "flag": run.path("train", "_injected_failure")},
@@ -209,7 +213,7 @@ def run_train(
 
     with result.checkpoint.as_directory() as ckpt_dir:
         state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
-        _upload_dir(Path(ckpt_dir) / ADAPTER_DIR, run, ADAPTER_DIR)
+        _export_portable_adapter(Path(ckpt_dir) / ADAPTER_DIR, run, cfg, state, stats)
         merged = None
         if train.merge_adapter:
             from mllm_msr.engines.peft import merge_adapter
@@ -259,6 +263,31 @@ def run_train(
         f"{summary['final_loss']}, {summary['seconds']} s"
     )
     return summary
+
+
+def _export_portable_adapter(
+    adapter: Path, run: RunDir, cfg: PipelineConfig, state: dict, stats: dict
+) -> None:
+    """Copy the checkpoint's adapter to ``<run_dir>/adapter/`` with the base model named by
+    ``train.model`` (not this machine's path) and a filled model card."""
+    import shutil
+
+    from mllm_msr.adapter_card import finalize_adapter
+
+    losses = state["losses"]
+    card_facts = {
+        "samples": stats["per_split"],
+        "fallback_users": stats["fallback_users"],
+        "steps": state["step"],
+        "first_loss": losses[0][1] if losses else None,
+        "final_loss": losses[-1][1] if losses else None,
+        "val_loss": state.get("val_loss"),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / ADAPTER_DIR
+        shutil.copytree(adapter, local)
+        finalize_adapter(local, cfg, card_facts)
+        _upload_dir(local, run, ADAPTER_DIR)
 
 
 def _upload_dir(local: Path, run: RunDir, rel: str) -> None:
@@ -424,6 +453,14 @@ def train_loop(config: dict) -> dict | None:
     total_steps, per_epoch = config["total_steps"], config["steps_per_epoch"]
     fail = config.get("fail_once")
     device = engine.device
+    from mllm_msr.telemetry import Telemetry, learning_rate
+
+    telemetry = Telemetry(
+        config.get("tensorboard") if rank == 0 else None,
+        run_name=config.get("run_name", RUN_NAME),
+        params=dataclasses.asdict(train),
+    )
+    samples_per_step = train.micro_batch_size * train.grad_accum_steps * world
     window: list[float] = []
     step_times: list[float] = []
     t_step = time.perf_counter()
@@ -470,6 +507,14 @@ def train_loop(config: dict) -> dict | None:
             state["losses"].append([state["step"], round(mean_loss, 6)])
             now = time.perf_counter()
             step_times.append(now - t_step)
+            telemetry.log(
+                state["step"],
+                **{
+                    "train/loss": mean_loss,
+                    "train/learning_rate": learning_rate(engine),
+                    "train/samples_per_s": samples_per_step / max(now - t_step, 1e-9),
+                },
+            )
             t_step = now
             state.setdefault("startup_seconds", round(now - t_start - step_times[0], 2))
             if fail and rank == world - 1 and state["step"] == fail["step"]:
@@ -491,6 +536,9 @@ def train_loop(config: dict) -> dict | None:
                         total_params=total,
                         step_seconds=_median(step_times),
                     )
+                if last:
+                    telemetry.log(state["step"], **{"val/loss": state.get("val_loss")})
+                telemetry.flush()
                 save(final=last)
                 t_step = time.perf_counter()
             elif state["step"] % train.log_every == 0:
@@ -503,6 +551,7 @@ def train_loop(config: dict) -> dict | None:
         state.update(frozen_unchanged=True, trainable_params=trainable, total_params=total)
         _final_stats(engine, state, collator, train, config["has_val"])
         save(final=True)
+    telemetry.close()
     return state if rank == 0 else None
 
 
