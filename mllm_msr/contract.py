@@ -122,7 +122,13 @@ STAGES: dict[str, Stage] = {
             "evaluate",
             "mllm_msr.stages.evaluate:run_evaluate",
             inputs=("prepare", "item_summaries", "user_preferences", "train"),
-            outputs=("scores", "metrics.json", "quarantine/evaluate"),
+            outputs=(
+                "scores",
+                "metrics.json",
+                "report.html",
+                "model_card.md",
+                "quarantine/evaluate",
+            ),
             config=(
                 "evaluate",
                 "seed",
