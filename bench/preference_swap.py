@@ -32,15 +32,7 @@ sys.path.insert(0, str(ROOT))
 from mllm_msr.config import load_config  # noqa: E402
 from mllm_msr.metrics import evaluate_scores, paired_bootstrap_diff  # noqa: E402
 from mllm_msr.runtime import RunDir, use_cache_dir  # noqa: E402
-
-
-def derangement(n: int, seed: int) -> np.ndarray:
-    """A seeded permutation of ``range(n)`` with no fixed point (``n >= 2``)."""
-    rng = np.random.default_rng(seed)
-    while True:
-        perm = rng.permutation(n)
-        if not np.any(perm == np.arange(n)):
-            return perm
+from mllm_msr.stages.sft import derangement  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -466,6 +466,11 @@ class EvaluateConfig:
     """Score only this many users (-1: the whole split, as the protocol requires)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """fp32 by default: bf16 scores collapse into ties."""
+    user_sensitivity: bool = True
+    """Also score the model methods with each user's preference swapped for another test
+    user's (a seeded derangement) and report own - swapped with a paired bootstrap interval
+    (``metrics.json`` ``user_sensitivity``): about 0 for a model that ignores its user. Doubles
+    the model scoring time."""
     share_prefix: bool = False
     """Text-only recommenders: run the prompt prefix a user's candidates share once and score
     them from its KV cache (same scores up to float rounding; set ``pool.batch_size`` to a

@@ -59,6 +59,7 @@ def run_evaluate(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
     rows = select_users(candidates, ev.split, ev.max_users, cfg.seed)
     methods: dict[str, pa.Table] = {}
     timings: dict[str, dict] = {}
+    sensitivity: dict[str, dict] = {}
 
     if "popularity" in ev.baselines:
         from mllm_msr.baselines.popularity import popularity_scores
@@ -97,10 +98,28 @@ def run_evaluate(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
         run.remove("quarantine/evaluate")
         if quarantine.num_rows:
             run.write_table("quarantine/evaluate", quarantine)
+        n_users = len(set(samples["user_id"].to_pylist()))
+        swapped = None
+        if ev.user_sensitivity and n_users >= 2:
+            from mllm_msr.stages.sft import swap_preferences
+
+            swapped = swap_preferences(samples, cfg.seed)
         for name, adapter in model_methods:
             scores, timing = score_samples(samples, cfg.train.model, adapter, cfg.train, ev, name)
             methods[name] = scores
             timings[name] = timing
+            if swapped is not None:
+                other, timing = score_samples(
+                    swapped, cfg.train.model, adapter, cfg.train, ev, f"{name}@swapped"
+                )
+                timings[f"{name}@swapped"] = timing
+                sensitivity[name] = user_sensitivity(scores, other, ev.ks, cfg.seed)
+                log(
+                    f"[evaluate] user sensitivity of {name}: AUC own - swapped = "
+                    "{:+.4f} [{:+.4f}, {:+.4f}]".format(
+                        *sensitivity[name]["own_minus_swapped"]["auc"]
+                    )
+                )
 
     results = {}
     for name, table in methods.items():
@@ -120,6 +139,13 @@ def run_evaluate(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
         "timings": timings,
     }
     metrics.update(_intervals(cfg, {m: methods[m] for m in results}))
+    if sensitivity:  # the fine-tuned model's first (what the report shows), every method's too
+        first = next(m for m in ("fine_tuned", "zero_shot") if m in sensitivity)
+        metrics["user_sensitivity"] = {
+            "method": first,
+            **sensitivity[first],
+            "methods": sensitivity,
+        }
     from mllm_msr.provenance import collect
 
     metrics["provenance"] = collect(cfg, run)
@@ -135,6 +161,25 @@ def run_evaluate(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
     }
     _write_report(cfg, run, metrics, summary, log)
     return summary
+
+
+SENSITIVITY_METRICS = ("auc", "uauc", "hr@5", "ndcg@5", "mrr@5")
+
+
+def user_sensitivity(own: pa.Table, swapped: pa.Table, ks, seed: int) -> dict:
+    """Metrics with the users' own preferences and with swapped ones, and own - swapped with
+    a paired bootstrap interval (the same users resampled for both)."""
+    from mllm_msr.metrics import paired_bootstrap_diff
+
+    ks = list(ks)
+    a, b = evaluate_scores(own, ks=ks), evaluate_scores(swapped, ks=ks)
+    names = [m for m in SENSITIVITY_METRICS if m in a]
+    diff = paired_bootstrap_diff(own, swapped, ks=ks, n_boot=BOOTSTRAP_RESAMPLES, seed=seed)
+    return {
+        "own": {m: a[m] for m in names},
+        "swapped": {m: b[m] for m in names},
+        "own_minus_swapped": {m: list(diff[m]) for m in names},
+    }
 
 
 BOOTSTRAP_RESAMPLES = 1000

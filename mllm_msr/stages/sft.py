@@ -177,3 +177,28 @@ def build_sft_samples(
         "rows_in": len(order),
     }
     return samples, quarantined, stats
+
+
+def derangement(n: int, seed: int):
+    """A seeded permutation of ``range(n)`` with no fixed point (``n >= 2``)."""
+    import numpy as np
+
+    if n < 2:
+        raise ValueError("a derangement needs at least 2 elements")
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(n)
+        if not np.any(perm == np.arange(n)):
+            return perm
+
+
+def swap_preferences(samples: pa.Table, seed: int) -> pa.Table:
+    """``samples`` with every user's preference text replaced by another user's (a seeded
+    derangement of the users), candidates and labels unchanged: the counterfactual that tells
+    whether a recommender reads its user (its AUC should drop)."""
+    users = sorted(set(samples["user_id"].to_pylist()))
+    pref_of = dict(zip(samples["user_id"].to_pylist(), samples["preference"].to_pylist()))
+    other = dict(zip(users, (users[j] for j in derangement(len(users), seed))))
+    swapped = [pref_of[other[u]] for u in samples["user_id"].to_pylist()]
+    index = samples.schema.get_field_index("preference")
+    return samples.set_column(index, "preference", pa.array(swapped, pa.string()))
