@@ -100,7 +100,7 @@ def _whole_above_one(obj: Any, name: str) -> None:
 
 
 def _known_family(obj: Any, name: str = "family") -> None:
-    from mllm_msr.prompts import FAMILIES  # stdlib-only module; imported late (no cycle)
+    from mllm_msr.families import FAMILIES  # stdlib-only module; imported late (no cycle)
 
     value = getattr(obj, name)
     if value not in FAMILIES:
@@ -117,7 +117,7 @@ class EngineConfig:
     model: str = "tiny:qwen2-vl"
     """Model path, or ``tiny:<name>`` for an offline tiny model built by :mod:`mllm_msr.tiny`."""
     family: str = "qwen2_vl"
-    """Prompt/chat family: a key of :data:`mllm_msr.prompts.FAMILIES`."""
+    """Model family: a key of :data:`mllm_msr.families.FAMILIES`."""
     dtype: str = "bfloat16"
     max_model_len: int = 2048
     max_num_seqs: int = 64
