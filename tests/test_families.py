@@ -116,3 +116,20 @@ def test_scorer_refuses_a_model_of_another_family():
 
     with pytest.raises(ValueError, match=r"train\.family: 'qwen2' expects .*'qwen2_vl'"):
         YesNoScorer("tiny:qwen2-vl", None, TrainConfig(family="qwen2", image_size=56))
+
+
+def test_config_check_refuses_a_local_model_of_another_family(tmp_path):
+    """Before Ray starts: a model folder whose config.json type is not the family's fails."""
+    import json
+
+    from mllm_msr.config import ConfigError, check_model
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
+    check_model("train.model", str(folder), "llava_next")
+    check_model("train.model", str(folder))  # no family: nothing to compare
+    with pytest.raises(ConfigError, match=r"train\.family: .* is a 'llava_next' model; family"):
+        check_model("train.model", str(folder), "llava")
+    (folder / "config.json").write_text("{}")  # no model_type: nothing to compare
+    check_model("train.model", str(folder), "llava")
