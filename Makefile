@@ -23,11 +23,12 @@ bench-quality: bench-install
 demo: install
 	$(PY) jobs/pipeline.py --config $(CONFIG)
 
+# --durations=15: the slowest tests, so a test that grows slow is seen.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 lint: install
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

@@ -100,7 +100,7 @@ def _whole_above_one(obj: Any, name: str) -> None:
 
 
 def _known_family(obj: Any, name: str = "family") -> None:
-    from mllm_msr.prompts import FAMILIES  # stdlib-only module; imported late (no cycle)
+    from mllm_msr.families import FAMILIES  # stdlib-only module; imported late (no cycle)
 
     value = getattr(obj, name)
     if value not in FAMILIES:
@@ -117,7 +117,7 @@ class EngineConfig:
     model: str = "tiny:qwen2-vl"
     """Model path, or ``tiny:<name>`` for an offline tiny model built by :mod:`mllm_msr.tiny`."""
     family: str = "qwen2_vl"
-    """Prompt/chat family: a key of :data:`mllm_msr.prompts.FAMILIES`."""
+    """Model family: a key of :data:`mllm_msr.families.FAMILIES`."""
     dtype: str = "bfloat16"
     max_model_len: int = 2048
     max_num_seqs: int = 64
@@ -747,6 +747,8 @@ def check_model(key: str, spec: str, family: str | None = None) -> None:
     else:
         path = Path(spec)
         if path.is_dir() or _in_hub_cache(spec):
+            if family is not None:
+                _check_model_type(key, family_key, spec, family)
             return
         where = f"no local directory {str(path.absolute())!r}"
         if not (path.is_absolute() or spec.startswith((".", "~")) or spec.count("/") > 1):
@@ -763,6 +765,40 @@ def check_model(key: str, spec: str, family: str | None = None) -> None:
     if family is not None and family != built:
         raise ConfigError(
             f"{family_key}: {spec!r} ({key}) is a {built!r} model, got family {family!r}"
+        )
+
+
+def _model_type(spec: str) -> str | None:
+    """``model_type`` of a local model folder or a cached hub model (None when unknown)."""
+    import json
+
+    path = Path(spec) / "config.json"
+    if not path.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            found = try_to_load_from_cache(spec, "config.json")
+        except ValueError:
+            return None
+        if not isinstance(found, str):
+            return None
+        path = Path(found)
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def _check_model_type(key: str, family_key: str, spec: str, family: str) -> None:
+    """A model's ``config.json`` ``model_type`` must be one of its family's (the registry)."""
+    from mllm_msr.families import family as lookup
+
+    model_type = _model_type(spec)
+    expected = lookup(family).model_types
+    if model_type is not None and expected and model_type not in expected:
+        raise ConfigError(
+            f"{family_key}: {spec!r} ({key}) is a {model_type!r} model; family {family!r} "
+            f"expects model_type {' or '.join(expected)} (mllm_msr/families.py)"
         )
 
 

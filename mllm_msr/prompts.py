@@ -18,9 +18,10 @@ version whenever its wording changes, so cached outputs of the old wording are n
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
+
+from mllm_msr import families as _families
 
 Message = dict[str, Any]
 Chat = list[Message]
@@ -35,8 +36,7 @@ PROMPT_VERSIONS: dict[str, str] = {
 }
 """Version of each template; a stage records the version of the template it used."""
 
-YES = "Yes"
-NO = "No"
+YES, NO = _families.ANSWERS
 PREFERENCE_PREFIX = "The user appears to have a preference for"
 
 MAX_TITLE_CHARS = 200
@@ -310,60 +310,10 @@ def answer_token_ids(tokenizer: Any) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- model families
-
-
-def _no_processor_kwargs(max_pixels: int | None) -> dict[str, Any]:
-    return {}
-
-
-def _qwen_vl_processor_kwargs(max_pixels: int | None) -> dict[str, Any]:
-    return {} if max_pixels is None else {"max_pixels": int(max_pixels)}
-
-
-@dataclass(frozen=True)
-class Family:
-    """What differs between model families (prompt side and engine side)."""
-
-    name: str
-    multimodal: bool
-    image_placeholder: str | None = None
-    """How the chat template spells one image in the rendered prompt (None: text-only)."""
-    processor_kwargs: Callable[[int | None], dict[str, Any]] = field(default=_no_processor_kwargs)
-    """``max_pixels -> mm processor kwargs`` (an image-resolution bound, where the family has one)."""
-
-
-FAMILIES: dict[str, Family] = {
-    f.name: f
-    for f in [
-        Family(
-            "qwen2_vl",
-            True,
-            "<|vision_start|><|image_pad|><|vision_end|>",
-            _qwen_vl_processor_kwargs,
-        ),
-        Family(
-            "qwen2_5_vl",
-            True,
-            "<|vision_start|><|image_pad|><|vision_end|>",
-            _qwen_vl_processor_kwargs,
-        ),
-        Family("llava", True, "<image>"),
-        Family("llava_next", True, "<image>"),
-        Family("qwen2", False),
-        Family("llama3", False),
-        Family("mistral", False),
-        Family("smollm2", False),
-    ]
-}
-"""Model family -> its settings; ``EngineConfig.family`` / ``TrainConfig.family`` are keys."""
-
-
-def family(name: str) -> Family:
-    """The :class:`Family` called ``name``."""
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise KeyError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}") from None
+# The registry lives in mllm_msr.families; these names stay importable from here.
+FAMILIES = _families.FAMILIES
+Family = _families.Family
+family = _families.family
 
 
 def image_placeholder(family_name: str) -> str | None:

@@ -96,8 +96,13 @@ def _format_checker() -> jsonschema.FormatChecker:
 
 
 def _crd_schema(kind: str) -> dict:
-    if not CRD_DIR.is_dir():
-        pytest.skip(f"KubeRay CRDs not found at {CRD_DIR} (expected next to the repository)")
+    # Fail, never skip: a missing CRD copy would otherwise turn every schema check green.
+    assert CRD_DIR.is_dir(), (
+        f"KubeRay CRDs not found at {CRD_DIR}: they live in ../shared/data/kuberay-crds next to "
+        "the repository checkout (CI checks shared/ out beside the repository)"
+    )
+    missing = [f for f in CRD_FILES.values() if not (CRD_DIR / f).is_file()]
+    assert not missing, f"KubeRay CRD files missing from {CRD_DIR}: {missing}"
     return _load_crd(kind)
 
 

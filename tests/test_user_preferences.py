@@ -1,15 +1,16 @@
 """User-preferences stage: blocks, prompts, leakage guard, refresh rules, real vLLM on Ray.
 
 Fast tests cover the pure parts (block splitting, prompts, planning, reuse of stored states)
-and the wavefront bookkeeping with a scripted ``generate``. Slow tests run the real vLLM engine
-on the tiny text Qwen2: determinism, leakage, incremental refresh = full recomputation, and
-reruns that skip finished users.
+the wavefront bookkeeping with a scripted ``generate``, and leakage through the engine path with
+a scripted engine. Slow tests run the real vLLM engine on the tiny text Qwen2: determinism,
+incremental refresh = full recomputation, and reruns that skip finished users.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -137,6 +138,8 @@ def test_user_prompt_initial_update_direct_and_titles_only():
 
 
 def test_plan_never_puts_the_target_in_a_prompt():
+    """No prompt sent for a user names their target (title or summary); every history item is
+    shown. Prompts are read from the wavefront's trace, per user."""
     tables = make_tables(12)
     up = up_config(block_size=3)
     plan = stage.plan_users(
@@ -151,27 +154,26 @@ def test_plan_never_puts_the_target_in_a_prompt():
         {},
         up,
     )
-    targets = dict(
-        zip(
-            tables["sequences"].column("user_id").to_pylist(),
-            tables["sequences"].column("target").to_pylist(),
-        )
-    )
-    calls: list = []
     works = [w for _, ws in plan.batches for w in ws]
-    chains, stats = stage.wavefront(works, scripted(calls), up)
-    seen_by_user: dict[str, str] = {}
-    for chats in calls:
-        for chat in chats:
-            content = chat[0]["content"]
-            for u, target in targets.items():
-                if f"Title {target}'" in content:
-                    seen_by_user.setdefault(u, content)
-    # A target title may appear in another user's history, never in the user's own prompts.
-    for w in works:
-        assert all(i.item_id != targets[w.user_id] for i in w.items)
+    calls: list = []
+    trace: dict[str, list] = {}
+    chains, stats = stage.wavefront(works, scripted(calls), up, trace)
     assert stats.users == 12 and len(chains) == 12
     assert all(chains[w.user_id][-1].consumed == len(w.items) for w in works)
+    # Every chat sent to the engine is in the trace of exactly one user.
+    assert sum(len(chats) for chats in calls) == sum(len(t) for t in trace.values())
+    for row in tables["sequences"].to_pylist():
+        user, target = row["user_id"], row["target"]
+        assert all(i.item_id != target for w in works if w.user_id == user for i in w.items)
+        text = "\n".join(chat[0]["content"] for chat in trace[user])
+        assert f"'Title {target}'" not in text and f"SUMMARY-{target} " not in text
+        for item in row["history"]:
+            assert f"'Title {item}'" in text and f"SUMMARY-{item} " in text
+    # The check above can fail: a target placed in a history is seen in that user's prompts.
+    leaky = UserWork("leak", [HistoryItem("i000", "Title i000", "SUMMARY-i000 a cover")])
+    leak_trace: dict[str, list] = {}
+    stage.wavefront([leaky], scripted([]), up, leak_trace)
+    assert "SUMMARY-i000 " in leak_trace["leak"][0][0]["content"]
 
 
 def test_wavefront_calls_the_engine_once_per_round_not_per_user():
@@ -425,12 +427,30 @@ def test_incremental_refresh_equals_full_recomputation(full_run, tmp_path):
     assert read_prefs(run) == prefs
 
 
-@pytest.mark.slow
-def test_no_target_summary_reaches_the_prompts_of_its_user(tmp_path):
-    from mllm_msr.engines.vllm import VLLMEngine
+class EchoEngine:
+    """A scripted stand-in for :class:`~mllm_msr.engines.vllm.VLLMEngine` (same ``generate``
+    signature): each answer lists the ``SUMMARY-<item>`` markers its prompt holds, so anything a
+    prompt leaks is carried on by the recurrence into the user's next prompts and final state."""
 
-    cfg = slow_cfg(tmp_path)
-    up = cfg.user_preferences
+    def __init__(self) -> None:
+        self.calls: list[list[prompts.Chat]] = []
+
+    def generate(self, chats, sampling, lora_path=None, seeds=None, on_error="raise"):
+        from mllm_msr.engines.vllm import Generation
+
+        assert on_error == "skip" and seeds is None  # greedy decoding, failures per request
+        self.calls.append(list(chats))
+        out = []
+        for chat in chats:
+            markers = sorted(set(re.findall(r"SUMMARY-i\d{3}", chat[0]["content"])))
+            out.append(Generation(" ".join(markers), 1, len(markers), "stop"))
+        return out
+
+
+def test_no_target_summary_reaches_the_prompts_of_its_user():
+    """Leakage through the engine path (``engine_generate`` + the recurrence), scripted engine:
+    neither the prompts of a user nor the states carried between their blocks see the target."""
+    up = slow_cfg(Path("unused")).user_preferences
     tables = make_tables(30, hist_len=lambda u: 2 + u % 8)
     summaries = dict(
         zip(*(tables["item_summaries"].column(c).to_pylist() for c in ("item_id", "summary")))
@@ -439,11 +459,15 @@ def test_no_target_summary_reaches_the_prompts_of_its_user(tmp_path):
     plan = stage.plan_users(tables["sequences"], titles, summaries, {}, up)
     works = [w for _, ws in plan.batches for w in ws]
     trace: dict[str, list] = {}
-    with VLLMEngine(up.engine, cache_dir=CACHE) as engine:
-        chains, stats = stage.wavefront(works, stage.engine_generate(engine, up), up, trace)
-    assert stats.engine_calls == 3 and stats.users == 30
+    engine = EchoEngine()
+    chains, stats = stage.wavefront(works, stage.engine_generate(engine, up), up, trace)
+    assert stats.engine_calls == 3 == len(engine.calls) and stats.users == 30
+    assert stats.empty_outputs == 0 and stats.engine_errors == 0
     for row in tables["sequences"].to_pylist():
         user_prompts = " ".join(chat[0]["content"] for chat in trace[row["user_id"]])
         assert f"SUMMARY-{row['target']} " not in user_prompts
         assert all(f"SUMMARY-{i} " in user_prompts for i in row["history"])
-        assert chains[row["user_id"]][-1].consumed == len(row["history"])
+        final = chains[row["user_id"]][-1]
+        assert final.consumed == len(row["history"])
+        # The final state echoes exactly what the user's prompts showed: the whole history.
+        assert set(final.text.split()) == {f"SUMMARY-{i}" for i in row["history"]}

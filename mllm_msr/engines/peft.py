@@ -12,32 +12,29 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 
+from mllm_msr import families
 from mllm_msr.config import LoraConfig
 
-VISION_MODULE_KEYS = (
-    "visual",
-    "vision_tower",
-    "vision_model",
-    "multi_modal_projector",
-    "mm_projector",
-)
-"""Module-name components that mark the vision tower / projector (Qwen2-VL, LLaVA, ...)."""
+VISION_MODULE_KEYS = families.ALL_VISION_MODULES
+"""Module-name components of any family's vision tower / projector (Qwen2-VL, LLaVA, ...)."""
 
 OUTPUT_HEADS = ("lm_head",)
 
 
-def is_vision_module(name: str) -> bool:
-    """Whether the dotted module name lies in a vision tower or multimodal projector."""
-    return any(part in VISION_MODULE_KEYS for part in name.split("."))
+def is_vision_module(name: str, family: families.Family | None = None) -> bool:
+    """Whether the dotted module name lies in a vision tower or multimodal projector
+    (``family``'s :attr:`~mllm_msr.families.Family.vision_modules`; any family's without one)."""
+    return families.is_vision_module(name, family)
 
 
-def lora_target_names(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
+def lora_target_names(
+    model: torch.nn.Module, cfg: LoraConfig, family: families.Family | None = None
+) -> list[str]:
     """Full names of the linear layers that get LoRA adapters under ``cfg``."""
     wanted = set(cfg.target_modules)
     all_linear = "all-linear" in wanted
@@ -45,7 +42,7 @@ def lora_target_names(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or name.split(".")[-1] in OUTPUT_HEADS:
             continue
-        vision = is_vision_module(name)
+        vision = is_vision_module(name, family)
         if vision and cfg.train_vision:
             names.append(name)
         elif not vision and (all_linear or name.split(".")[-1] in wanted):
@@ -58,7 +55,9 @@ def lora_target_names(model: torch.nn.Module, cfg: LoraConfig) -> list[str]:
     return names
 
 
-def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> PeftModel:
+def apply_lora(
+    model: torch.nn.Module, cfg: LoraConfig, family: families.Family | None = None
+) -> PeftModel:
     """Wrap ``model`` with LoRA adapters; only adapter weights stay trainable.
 
     The adapter config names targets by their short names (``q_proj``, ...), the form serving
@@ -66,7 +65,7 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> PeftModel:
     vision tower's ``q_proj``) in ``exclude_modules``. Seed torch before calling for a
     reproducible ``lora_A`` initialization (``lora_B`` starts at 0).
     """
-    selected = lora_target_names(model, cfg)
+    selected = lora_target_names(model, cfg, family)
     short = sorted({name.split(".")[-1] for name in selected})
     chosen = set(selected)
     excluded = [
@@ -109,16 +108,17 @@ def load_adapter(
 
 
 def merge_adapter(
-    model_path: str, adapter_path: str | os.PathLike, out_path: str | os.PathLike
+    model_path: str,
+    adapter_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    family: str | None = None,
 ) -> Path:
-    """Merge an adapter into its base model and save full weights (+ processor) to ``out_path``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    """Merge an adapter into its base model and save full weights (+ processor) to ``out_path``.
 
-    config = AutoConfig.from_pretrained(model_path)
-    auto: Any = (
-        AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    )
-    base = auto.from_pretrained(model_path, dtype=torch.float32)
+    ``family`` (``train.family``) is checked against the model; None infers it.
+    """
+    fam = families.resolve(model_path, family, "train.family")
+    base = families.load_model(model_path, fam, torch.float32)
     merged = load_adapter(base, adapter_path).merge_and_unload()
     out = Path(out_path)
     tmp = out.with_name(out.name + ".tmp")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mllm_msr import prompts
+from mllm_msr import families, prompts
 
 IGNORE_INDEX = -100
 """Label value the loss ignores."""
@@ -30,12 +30,10 @@ SHORTENABLE_FIELDS = ("preference", "summary")
 """Sample fields cut (in this order) when a prompt does not fit ``max_length``."""
 
 
-def fixed_side(image_size: int, processor: Any) -> int:
-    """``image_size`` rounded to the processor's patch grid (patch x merge for Qwen2-VL)."""
-    image_processor = getattr(processor, "image_processor", None)
-    factor = getattr(image_processor, "patch_size", None) or 1
-    factor *= getattr(image_processor, "merge_size", None) or 1
-    return max(factor, round(image_size / factor) * factor)
+def fixed_side(image_size: int, processor: Any, family: families.Family | None = None) -> int:
+    """``image_size`` rounded to the family's image grid (:attr:`~mllm_msr.families.Family.
+    image_grid`: patch x merge for Qwen2-VL; that rule for a processor of no known family)."""
+    return families.image_side(image_size, processor, family)
 
 
 def load_image(data: bytes, side: int) -> Image.Image:
@@ -53,15 +51,24 @@ class RecommenderCollator:
         max_length: the longest sequence allowed (prompt with image tokens + answer).
         image_size: requested side of the square image.
         with_image: give the candidate image to the model (False: text-only prompts).
+        family: the model's :class:`~mllm_msr.families.Family` (its image sizing rule); None
+            applies the patch x merge rule of the processor.
     """
 
-    def __init__(self, processor: Any, max_length: int, image_size: int, with_image: bool = True):
+    def __init__(
+        self,
+        processor: Any,
+        max_length: int,
+        image_size: int,
+        with_image: bool = True,
+        family: families.Family | None = None,
+    ):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_length = max_length
         self.multimodal_processor = hasattr(processor, "image_processor")
         self.with_image = with_image and self.multimodal_processor
-        self.side = fixed_side(image_size, processor)
+        self.side = fixed_side(image_size, processor, family)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id

@@ -15,26 +15,30 @@ the README ("Scoring") for the alternatives measured.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from mllm_msr import prompts
+from mllm_msr import families, prompts
 from mllm_msr.config import EvaluateConfig, TrainConfig
 
 
-def load_recommender(model_path: str, adapter_path: str | None, precision: str = "fp32"):
-    """Load the recommender (base model, plus the LoRA adapter when given) for inference."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+def load_recommender(
+    model_path: str,
+    adapter_path: str | None,
+    precision: str = "fp32",
+    family: str | families.Family | None = None,
+):
+    """Load the recommender (base model, plus the LoRA adapter when given) for inference.
 
-    config = AutoConfig.from_pretrained(model_path)
-    auto: Any = (
-        AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    )
+    ``family``: a :class:`~mllm_msr.families.Family`, or the name of one (``train.family``,
+    checked against the model); None infers it from the model's config.
+    """
+    import torch
+
+    fam = family if isinstance(family, families.Family) else families.resolve(model_path, family)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    model = auto.from_pretrained(model_path, dtype=dtype)
+    model = families.load_model(model_path, fam, dtype)
     if adapter_path:
         from mllm_msr.engines.peft import load_adapter
 
@@ -43,13 +47,10 @@ def load_recommender(model_path: str, adapter_path: str | None, precision: str =
     return model
 
 
-def load_processor(model_path: str):
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(model_path)
-    if hasattr(config, "vision_config"):
-        return AutoProcessor.from_pretrained(model_path)
-    return AutoTokenizer.from_pretrained(model_path)
+def load_processor(model_path: str, family: str | families.Family | None = None):
+    """The recommender's input encoder (``family`` as in :func:`load_recommender`)."""
+    fam = family if isinstance(family, families.Family) else families.resolve(model_path, family)
+    return families.load_processor(model_path, fam)
 
 
 class YesNoScorer:
@@ -84,10 +85,11 @@ class YesNoScorer:
 
         path = resolve_model(model)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_recommender(path, adapter, precision).to(self.device)
-        processor = load_processor(path)
+        fam = families.resolve(path, train.family, "train.family")
+        self.model = load_recommender(path, adapter, precision, fam).to(self.device)
+        processor = load_processor(path, fam)
         self.collator = RecommenderCollator(
-            processor, train.max_length, train.image_size, with_image=train.multimodal
+            processor, train.max_length, train.image_size, with_image=train.multimodal, family=fam
         )
         # The ids training supervises (raises when Yes and No share a first token).
         self.yes_id, self.no_id = prompts.answer_token_ids(self.collator.tokenizer)

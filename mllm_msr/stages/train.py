@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from mllm_msr import families
 from mllm_msr.config import PipelineConfig, TrainConfig
 from mllm_msr.runtime import RunDir, init_ray
 
@@ -224,6 +225,7 @@ def run_train(
                     resolve_model(train.model, cache_dir),
                     Path(ckpt_dir) / ADAPTER_DIR,
                     Path(tmp) / "m",
+                    family=train.family,
                 )
                 _upload_dir(out, run, MERGED_DIR)
             merged = run.uri_of(MERGED_DIR)
@@ -305,13 +307,10 @@ def _upload_dir(local: Path, run: RunDir, rel: str) -> None:
 # =========================================================================== workers
 
 
-def _load_model(path: str, bf16: bool):
+def _load_model(path: str, bf16: bool, fam: families.Family):
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    config = AutoConfig.from_pretrained(path)
-    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = families.load_model(path, fam, torch.bfloat16 if bf16 else torch.float32)
     model.config.use_cache = False
     return model
 
@@ -406,7 +405,6 @@ def train_loop(config: dict) -> dict | None:
         "TORCH_EXTENSIONS_DIR", str(Path(config["cache_dir"]) / "torch_extensions")
     )
     import ray.train
-    from transformers import AutoProcessor
 
     from mllm_msr.engines import deepspeed as ds
     from mllm_msr.engines import peft as lora
@@ -417,8 +415,9 @@ def train_loop(config: dict) -> dict | None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(train.seed)
     model_path = resolve_model(train.model, config["cache_dir"])
-    processor = AutoProcessor.from_pretrained(model_path)
-    model = lora.apply_lora(_load_model(model_path, ds.use_bf16(train)), train.lora)
+    fam = families.resolve(model_path, train.family, "train.family")
+    processor = families.load_processor(model_path, fam)
+    model = lora.apply_lora(_load_model(model_path, ds.use_bf16(train), fam), train.lora, fam)
     torch.manual_seed(train.seed + rank)  # dropout differs per rank
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -449,7 +448,9 @@ def train_loop(config: dict) -> dict | None:
         state["resumed_from"].append(state["step"])
     state["attempts"] += 1
 
-    collator = RecommenderCollator(processor, train.max_length, train.image_size, train.multimodal)
+    collator = RecommenderCollator(
+        processor, train.max_length, train.image_size, train.multimodal, family=fam
+    )
     total_steps, per_epoch = config["total_steps"], config["steps_per_epoch"]
     fail = config.get("fail_once")
     device = engine.device

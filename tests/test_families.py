@@ -1,0 +1,135 @@
+"""The model-family registry (mllm_msr.families): one home for what differs between families.
+
+Training (``stages/train.py``), scoring (``stages/score.py``), the collator's image sizing and
+the LoRA target selection (``engines/peft.py``) read it; the vLLM engines read the prompt side
+(placeholders, processor kwargs). ``train.family`` is checked against the model's type.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from mllm_msr import config, families, prompts
+from mllm_msr.tiny import TINY_SPECS, resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_registry_entries_are_consistent():
+    assert prompts.FAMILIES is families.FAMILIES and prompts.family is families.family
+    for name, fam in families.FAMILIES.items():
+        assert fam.name == name and fam.model_types and fam.answers == (prompts.YES, prompts.NO)
+        if fam.multimodal:
+            assert fam.auto_class == families.IMAGE_TEXT and fam.processor == "processor"
+            assert fam.image_placeholder and fam.image_grid and fam.vision_modules
+        else:
+            assert fam.auto_class == families.CAUSAL_LM and fam.processor == "tokenizer"
+            assert fam.image_placeholder is None and not fam.vision_modules
+    with pytest.raises(KeyError, match="known"):
+        families.family("gpt")
+
+
+def test_no_copies_of_the_family_rules_outside_the_registry():
+    """The auto-class choice, vision-config sniffing and patch sizing live in families.py."""
+    pattern = re.compile(
+        r"AutoModelForImageTextToText|hasattr\(config, .vision_config.\)"
+        r"|getattr\([^)]*.(patch_size|merge_size)."
+    )
+    for path in (ROOT / "mllm_msr").rglob("*.py"):
+        if path.name != "families.py":
+            assert not pattern.search(path.read_text()), path
+
+
+def test_shipped_configs_name_known_families():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = config.load_config(path)
+        for key, _model, fam in config.models_in_use(cfg):
+            assert fam in families.FAMILIES, (path.name, key)
+    paper = config.load_config(ROOT / "configs" / "paper-llava.yaml")
+    assert "v1.6" in paper.train.model and paper.train.family == "llava_next"  # not llava (1.5)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_SPECS))
+def test_family_of_each_tiny_model_is_inferred_and_checked(name):
+    path = resolve_model(f"tiny:{name}")
+    expected = TINY_SPECS[name].family
+    assert families.resolve(path).name == expected
+    assert families.resolve(path, expected) is families.family(expected)
+    wrong = "qwen2" if expected != "qwen2" else "qwen2_vl"
+    with pytest.raises(ValueError, match=rf"train\.family: '{wrong}' expects .*{expected}"):
+        families.resolve(path, wrong, "train.family")
+
+
+def test_unknown_model_types_fall_back_to_the_config():
+    class Config:
+        model_type = "somevlm"
+        vision_config = object()
+
+    fam = families.for_config(Config())
+    assert fam.multimodal and fam.auto_class == families.IMAGE_TEXT
+    assert fam.vision_modules == families.ALL_VISION_MODULES
+    del Config.vision_config
+    assert families.for_config(Config()).auto_class == families.CAUSAL_LM
+
+
+@pytest.mark.parametrize("name", ["qwen2-vl", "llava"])
+def test_image_sizing_rule_per_family(name):
+    from transformers import AutoProcessor
+
+    path = resolve_model(f"tiny:{name}")
+    processor = AutoProcessor.from_pretrained(path)
+    fam = families.resolve(path)
+    ip = processor.image_processor
+    legacy = (getattr(ip, "patch_size", None) or 1) * (getattr(ip, "merge_size", None) or 1)
+    for size in (20, 56, 100, 112, 224, 230):
+        side = families.image_side(size, processor, fam)
+        assert side == families.image_side(size, processor)  # no family: the same rule
+        assert side == max(legacy, round(size / legacy) * legacy)  # the collator's old rule
+    if name == "qwen2-vl":
+        assert fam.image_grid(ip) == 28 and families.image_side(100, processor, fam) == 112
+    else:
+        assert families.image_side(100, processor, fam) == 100  # CLIP crops by itself
+
+
+@pytest.mark.parametrize("name", ["qwen2-vl", "llava"])
+def test_vision_modules_of_a_family_select_the_same_lora_targets(name):
+    from mllm_msr.config import LoraConfig
+    from mllm_msr.engines import peft as lora
+
+    path = resolve_model(f"tiny:{name}")
+    fam = families.resolve(path)
+    model = families.load_model(path, fam)
+    for train_vision in (False, True):
+        cfg = LoraConfig(target_modules=["q_proj", "v_proj"], train_vision=train_vision)
+        assert lora.lora_target_names(model, cfg, fam) == lora.lora_target_names(model, cfg)
+    names = [n for n, _ in model.named_modules()]
+    vision = [n for n in names if families.is_vision_module(n, fam)]
+    assert vision and vision == [n for n in names if families.is_vision_module(n)]
+
+
+def test_scorer_refuses_a_model_of_another_family():
+    from mllm_msr.config import TrainConfig
+    from mllm_msr.stages.score import YesNoScorer
+
+    with pytest.raises(ValueError, match=r"train\.family: 'qwen2' expects .*'qwen2_vl'"):
+        YesNoScorer("tiny:qwen2-vl", None, TrainConfig(family="qwen2", image_size=56))
+
+
+def test_config_check_refuses_a_local_model_of_another_family(tmp_path):
+    """Before Ray starts: a model folder whose config.json type is not the family's fails."""
+    import json
+
+    from mllm_msr.config import ConfigError, check_model
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
+    check_model("train.model", str(folder), "llava_next")
+    check_model("train.model", str(folder))  # no family: nothing to compare
+    with pytest.raises(ConfigError, match=r"train\.family: .* is a 'llava_next' model; family"):
+        check_model("train.model", str(folder), "llava")
+    (folder / "config.json").write_text("{}")  # no model_type: nothing to compare
+    check_model("train.model", str(folder), "llava")
