@@ -292,8 +292,10 @@ class IngestConfig:
 class PrepareConfig:
     user_core: int = 6
     item_core: int = 5
-    max_history: int = 10
-    """The most recent items before the target that form the history."""
+    max_history: Optional[int] = None
+    """At most this many of the most recent items before the target form the history; None
+    (the paper's protocol): every item before the target, which the recurrent preference
+    summarizer reads block by block."""
     split: Literal["user", "leave_one_out"] = "user"
     split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     train_negatives: int = 1

@@ -159,3 +159,16 @@ def test_prepare_stage_same_outputs_for_any_block_count(ray_local, tmp_path):
     assert tables[1][0].equals(tables[3][0])
     assert tables[1][1].equals(tables[3][1])
     assert tables[1][1].num_rows > 0
+
+
+def test_history_is_every_item_before_the_target_by_default():
+    """The paper's protocol: no cap (``max_history: null``); a cap keeps the most recent."""
+    seqs, pool, _ = _demo_users()
+    full = build_examples(seqs, pool, PrepareConfig())
+    capped = build_examples(seqs, pool, PrepareConfig(max_history=2))
+    assert max(len(h) for h in full["history"].to_pylist()) > 9  # long histories exist
+    items = dict(zip(seqs["user_id"].to_pylist(), seqs["items"].to_pylist()))
+    for a, b in zip(full.to_pylist(), capped.to_pylist()):
+        mine = items[a["user_id"]]
+        pos = mine.index(a["target"])
+        assert a["history"] == mine[:pos] and b["history"] == mine[:pos][-2:]

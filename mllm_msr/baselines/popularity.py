@@ -6,8 +6,8 @@ What counts: every item of every *training* user's sequence, i.e. its history an
 targets) of the evaluated split's users count too: they are the model's input at test time, so
 this is not leakage, but it makes the baseline transductive; it is off by default.
 
-Histories in SEQUENCES hold the most recent ``prepare.max_history`` items before the target, so
-counts cover those items, not a user's whole past. Items never seen score 0; ties (many items
+Histories in SEQUENCES hold every item before the target (or the most recent
+``prepare.max_history`` when a cap is set), so counts cover those items. Items never seen score 0; ties (many items
 share a count) are ranked pessimistically by :mod:`mllm_msr.metrics`.
 """
 
