@@ -444,6 +444,11 @@ def train_loop(config: dict) -> dict | None:
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    from mllm_msr.progress import Progress
+
+    # Rank 0 prints the progress line (Ray Train's report() reprs stay quiet, mllm_msr.console).
+    progress = Progress("train", total=total_steps, unit="steps", initial=state["step"])
+    per_step = train.micro_batch_size * train.grad_accum_steps * world
     engine.train()
     cap = per_epoch * train.grad_accum_steps  # micro-batches per rank per epoch
     while state["step"] < total_steps:
@@ -472,6 +477,15 @@ def train_loop(config: dict) -> dict | None:
             step_times.append(now - t_step)
             t_step = now
             state.setdefault("startup_seconds", round(now - t_start - step_times[0], 2))
+            if rank == 0:
+                if len(step_times) == 1:  # the rate counts from the first step, not startup
+                    progress.start, progress.initial = now, state["step"] - 1
+                rate = progress.rate(now)
+                progress.set(
+                    state["step"],
+                    loss=round(mean_loss, 4),
+                    **{"samples/s": round(rate * per_step, 2) if rate else "?"},
+                )
             if fail and rank == world - 1 and state["step"] == fail["step"]:
                 if not os.path.exists(fail["flag"]):
                     Path(fail["flag"]).parent.mkdir(parents=True, exist_ok=True)
