@@ -70,6 +70,8 @@ NOISE: dict[str, tuple[str, ...]] = {
     # once per engine step on CPU: vLLM replaced torch.set_num_threads and says so every call
     "vllm.v1.worker.cpu_worker": ("doesn't allow to use `torch.set_num_threads`",),
     "vllm.triton_utils.importing": ("doesn't include CPU backend",),
+    # every DeepSpeed import on a CPU host (train.use_gpu=false): not news
+    "DeepSpeed": ("Setting accelerator to CPU",),
     # we turn Ray Data's progress blocks off on purpose (the stages print their own progress)
     "ray.data._internal.progress": ("Progress bars disabled",),
     # the cleaner asks the State API (dashboard) every second; without a dashboard it fails
@@ -118,9 +120,19 @@ def is_project_line(line: str) -> bool:
     return bool(m) and m.group(1) in PROJECT_TAGS
 
 
+def _printed_lines(text: str) -> list[str]:
+    """Non-blank lines (a worker's blank line behind Ray's prefix is blank too)."""
+    return [ln for ln in _ANSI.sub("", text).splitlines() if _RAY_PREFIX.sub("", ln).strip()]
+
+
+def foreign_lines(text: str) -> list[str]:
+    """The printed lines that are not the project's own."""
+    return [ln for ln in _printed_lines(text) if not is_project_line(ln)]
+
+
 def line_counts(text: str) -> dict[str, float]:
     """``total`` non-blank lines, ``ours`` (:func:`is_project_line`) and their ``share``."""
-    lines = [ln for ln in _ANSI.sub("", text).splitlines() if ln.strip()]
+    lines = _printed_lines(text)
     ours = sum(1 for ln in lines if is_project_line(ln))
     return {"total": len(lines), "ours": ours, "share": ours / len(lines) if lines else 1.0}
 
@@ -269,7 +281,7 @@ def _quiet_thread_excepthook() -> None:
     threading.excepthook = hook
 
 
-FILE_LOGGERS = ("ray.train.v2._internal.execution.context",)
+FILE_LOGGERS = ("ray.train.v2._internal.execution.context", "ray.train.collective.collectives")
 """Modules that log under their file path (``logging.getLogger(__file__)``), outside the
 ``ray.train`` hierarchy: "Reporting training result 1: TrainingReport(...)" on every report."""
 

@@ -129,8 +129,9 @@ def test_what_counts_as_a_project_line(line, ours):
 
 def test_every_stage_is_a_project_tag():
     assert set(ORDER) <= set(console.PROJECT_TAGS)
-    counts = console.line_counts("[pipeline] a\n\nnoise\n[train] b\n")
+    counts = console.line_counts("[pipeline] a\n\nnoise\n[train] b\n(RayTrainWorker pid=3) \n")
     assert counts == {"total": 3, "ours": 2, "share": 2 / 3}
+    assert console.foreign_lines("[pipeline] a\nnoise\n") == ["noise"]
 
 
 def test_engine_levels_follow_ours(monkeypatch):
@@ -258,7 +259,7 @@ def test_reduced_demo_console_is_ours_and_every_long_stage_shows_progress(tmp_pa
     (tmp_path / "console.log").write_text(out)
     assert done.returncode == 0, out[-5000:]
     counts = console.line_counts(out)
-    foreign = [ln for ln in out.splitlines() if ln.strip() and not console.is_project_line(ln)]
+    foreign = console.foreign_lines(out)
     assert counts["share"] >= 0.9, (counts, foreign)
     for stage in LONG_STAGES:
         progress = re.compile(rf"\[{stage}\] \d+/\d+ \w+ \(\d+%\)  ")

@@ -132,6 +132,8 @@ def run_train(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from mllm_msr import console
+
     t0 = time.perf_counter()
     train = cfg.train
     cache_dir = str(Path(cfg.cache_dir).absolute())
@@ -197,6 +199,8 @@ def run_train(
             storage_path=run.uri_of("train"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            # the controller's and workers' ray.train logs: WARNING unless --log-level DEBUG
+            logging_config=ray.train.LoggingConfig(log_level=console.engine_level()),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
@@ -447,7 +451,9 @@ def train_loop(config: dict) -> dict | None:
     from mllm_msr.progress import Progress
 
     # Rank 0 prints the progress line (Ray Train's report() reprs stay quiet, mllm_msr.console).
-    progress = Progress("train", total=total_steps, unit="steps", initial=state["step"])
+    progress = Progress(
+        "train", total=total_steps, unit="steps", initial=state["step"], clock=time.perf_counter
+    )
     per_step = train.micro_batch_size * train.grad_accum_steps * world
     engine.train()
     cap = per_epoch * train.grad_accum_steps  # micro-batches per rank per epoch
@@ -479,7 +485,7 @@ def train_loop(config: dict) -> dict | None:
             state.setdefault("startup_seconds", round(now - t_start - step_times[0], 2))
             if rank == 0:
                 if len(step_times) == 1:  # the rate counts from the first step, not startup
-                    progress.start, progress.initial = now, state["step"] - 1
+                    progress.start, progress.initial = now, state["step"]
                 rate = progress.rate(now)
                 progress.set(
                     state["step"],
