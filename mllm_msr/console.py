@@ -67,9 +67,6 @@ ENGINE_LOGGERS = (
 )
 
 NOISE: dict[str, tuple[str, ...]] = {
-    # once per engine step on CPU: vLLM replaced torch.set_num_threads and says so every call
-    "vllm.v1.worker.cpu_worker": ("doesn't allow to use `torch.set_num_threads`",),
-    "vllm.triton_utils.importing": ("doesn't include CPU backend",),
     # every DeepSpeed import on a CPU host (train.use_gpu=false): not news
     "DeepSpeed": ("Setting accelerator to CPU",),
     # we turn Ray Data's progress blocks off on purpose (the stages print their own progress)
@@ -95,15 +92,27 @@ VLLM_NOTES = (
 """vLLM warnings every CPU engine start (or step) prints, the same on every run: not news."""
 
 
+VLLM_NOTE_LOGGERS = (
+    "vllm",
+    "vllm.engine.arg_utils",
+    "vllm.config.vllm",
+    "vllm.platforms.cpu",
+    "vllm.v1.worker.cpu_worker",
+    "vllm.triton_utils.importing",
+)
+"""Where vLLM logs :data:`VLLM_NOTES` (a logger's filters see only its own records)."""
+
+
 def quiet_vllm(ours: str | None = None) -> bool:
-    """Drop :data:`VLLM_NOTES` at vLLM's handlers (call after ``import vllm``, which sets them
-    up); returns whether the engines are quiet (not DEBUG)."""
+    """Drop :data:`VLLM_NOTES` at the loggers that emit them and at vLLM's handlers (those
+    exist once vLLM has configured its logging); returns whether the engines are quiet."""
     if engine_level(ours) == "DEBUG":
         return False
     flt = _DropFragments(VLLM_NOTES)
-    for logger in (logging.getLogger("vllm"), logging.getLogger()):
-        for handler in logger.handlers:
-            _install_filter(handler, flt)
+    for name in VLLM_NOTE_LOGGERS:
+        _install_filter(logging.getLogger(name), flt)
+    for handler in logging.getLogger("vllm").handlers:
+        _install_filter(handler, flt)
     return True
 
 
@@ -210,6 +219,7 @@ def quiet_engines(ours: str | None = None) -> None:
         return
     for name, fragments in NOISE.items():
         _install_filter(logging.getLogger(name), _DropFragments(fragments))
+    quiet_vllm(ours)
     tlog = sys.modules.get("transformers.utils.logging")
     if tlog is not None:  # imported before us: its level came from the environment then
         tlog.set_verbosity_error()

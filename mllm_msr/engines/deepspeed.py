@@ -176,10 +176,12 @@ def _quiet_op_notes() -> None:
     """DeepSpeed ``print``s "DeepSpeed <op> built successfully" on every load of a cached op
     (several times per rank): a debug log line instead, unless ``--log-level DEBUG``."""
     import builtins
-
-    import deepspeed.comm.torch as ds_torch
+    import importlib
 
     from mllm_msr import console
+
+    # not ``import deepspeed.comm.torch as m``: deepspeed.comm's attribute ``torch`` is torch
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
 
     if console.engine_level() == "DEBUG" or getattr(ds_torch, "print", None) is not None:
         return
