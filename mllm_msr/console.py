@@ -308,8 +308,31 @@ def _quiet_file_loggers(levelno: int) -> None:
             logging.getLogger(spec.origin).setLevel(levelno)
 
 
+def _pin_ray_address() -> None:
+    """Point the State API of this worker at its own cluster.
+
+    Ray Train's PlacementGroupCleaner asks the State API whether the Train controller is alive,
+    with no address. Without ``RAY_ADDRESS`` that means the Ray instance started last on this
+    host (``/tmp/ray/ray_current_cluster``): on a shared host another user's cluster, which
+    does not know our controller, so the cleaner removed our training placement group and
+    killed the workers mid-run. With our own address and no dashboard the query fails and the
+    cleaner stops (its traceback is dropped, :func:`_quiet_thread_excepthook`)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    try:
+        import ray
+
+        address = ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - not connected: nothing to pin
+        return
+    if address:
+        os.environ["RAY_ADDRESS"] = address
+
+
 def setup_worker() -> None:
-    """``worker_process_setup_hook`` of every Ray worker and actor: our levels there too."""
+    """``worker_process_setup_hook`` of every Ray worker and actor: our levels there too, and
+    the State API pinned to this cluster (:func:`_pin_ray_address`)."""
+    _pin_ray_address()
     ours = level()
     configure(ours)
     if engine_level(ours) != "DEBUG":
