@@ -4,12 +4,12 @@ Scores the run's adapter (``<run_dir>/adapter/``, whatever ``stages`` says) next
 configured baselines, under the paper's protocol; score files of methods not scored this time
 are removed. Re-evaluating a finished run (e.g. with other ``evaluate.ks`` or baselines)::
 
-    .venv/bin/python jobs/evaluate.py --config configs/demo-cpu.yaml \
+    .venv/bin/python jobs/evaluate.py --config configs/demo-cpu.yaml \\
         'evaluate.baselines=[popularity,sasrec,zero_shot]'
 
 On a cluster::
 
-    ray job submit --working-dir . -- python jobs/evaluate.py \
+    ray job submit --working-dir . -- python jobs/evaluate.py \\
         --config configs/qwen2.5-vl.yaml run_dir=s3://bucket/runs/qwen
 
 ``--force`` re-scores even when up to date; ``--dry-run`` says whether it would run and why.
@@ -28,9 +28,8 @@ STAGE = "evaluate"
 
 
 def make_parser():
-    return cli.stage_parser(__doc__, "evaluate.max_users=100")
+    return cli.stage_parser(__doc__, cli.EXAMPLES[STAGE])
 
 
 if __name__ == "__main__":
-    args = make_parser().parse_intermixed_args()
-    cli.run_stage_job(cli.config_from_args(args), STAGE, force=args.force, dry_run=args.dry_run)
+    cli.stage_main(STAGE, __doc__)

@@ -11,7 +11,7 @@ Embedded local Ray (no address)::
 
 On a cluster (the data root must be readable from the workers)::
 
-    ray job submit --working-dir . -- python jobs/ingest.py --config configs/microlens-50k.yaml \
+    ray job submit --working-dir . -- python jobs/ingest.py --config configs/microlens-50k.yaml \\
         ingest.root=/mnt/data/microlens-50k run_dir=s3://bucket/runs/microlens-50k
 
 Overrides are dotted ``key=value`` pairs, e.g. ``ingest.num_shards=8``.
@@ -30,9 +30,8 @@ STAGE = "ingest"
 
 
 def make_parser():
-    return cli.stage_parser(__doc__, "ingest.num_shards=8")
+    return cli.stage_parser(__doc__, cli.EXAMPLES[STAGE])
 
 
 if __name__ == "__main__":
-    args = make_parser().parse_intermixed_args()
-    cli.run_stage_job(cli.config_from_args(args), STAGE, force=args.force, dry_run=args.dry_run)
+    cli.stage_main(STAGE, __doc__)

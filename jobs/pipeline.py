@@ -32,38 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mllm_msr import cli  # noqa: E402
 from mllm_msr.config import PipelineConfig  # noqa: E402
-from mllm_msr.pipeline import format_run_summary, run_pipeline  # noqa: E402
 
 
 def main(cfg: PipelineConfig, force: list[str] | None = None, dry_run: bool = False) -> dict:
-    cli.start(cfg, ray=False)  # the pipeline starts or joins Ray when a stage has to run
-    summary = run_pipeline(cfg, force=force, dry_run=dry_run)
-    if dry_run:
-        return summary
-    print()
-    print(format_run_summary(summary))
-    if "metrics" in summary:
-        from mllm_msr.report import format_metrics_table
-
-        m = summary["metrics"]
-        print(f"\n{m.get('split', 'test')} metrics (x100):")
-        print(format_metrics_table(m["methods"], ks=m.get("ks", (1, 3, 5, 10)), fmt="text"))
-    print(f"\nrun directory: {summary['run_dir']}  ({summary['seconds']:.0f} s)")
-    return summary
+    return cli.run_pipeline_job(cfg, force=force, dry_run=dry_run)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = cli.make_parser(__doc__, "train.lora.r=16 stages=[ingest,prepare]")
-    p.add_argument(
-        "--force", nargs="*", default=None, help="stages to run fresh (the stages after them too)"
-    )
-    p.add_argument("--dry-run", action="store_true", help="print the plan and why; run nothing")
-    return p
+    return cli.pipeline_parser(__doc__)
 
 
 if __name__ == "__main__":
-    args = make_parser().parse_intermixed_args()
-    if args.force:  # `--force train train.lr=1e-4`: the key=value words are overrides
-        args.overrides += [f for f in args.force if "=" in f]
-        args.force = [f for f in args.force if "=" not in f]
-    main(cli.config_from_args(args), force=args.force, dry_run=args.dry_run)
+    cli.pipeline_main(__doc__)

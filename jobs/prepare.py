@@ -10,7 +10,7 @@ Embedded local Ray (no address)::
 
 On a cluster::
 
-    ray job submit --working-dir . -- python jobs/prepare.py --config configs/microlens-50k.yaml \
+    ray job submit --working-dir . -- python jobs/prepare.py --config configs/microlens-50k.yaml \\
         run_dir=s3://bucket/runs/microlens-50k
 
 Overrides are dotted ``key=value`` pairs, e.g. ``prepare.seed=7``.
@@ -29,9 +29,8 @@ STAGE = "prepare"
 
 
 def make_parser():
-    return cli.stage_parser(__doc__, "prepare.seed=7")
+    return cli.stage_parser(__doc__, cli.EXAMPLES[STAGE])
 
 
 if __name__ == "__main__":
-    args = make_parser().parse_intermixed_args()
-    cli.run_stage_job(cli.config_from_args(args), STAGE, force=args.force, dry_run=args.dry_run)
+    cli.stage_main(STAGE, __doc__)

@@ -1,22 +1,6 @@
-"""Summarize every item of a run's ``items/`` table with a multimodal LLM (MLLM-MSR stage 1).
+"""Alias of ``jobs/item_summaries.py`` (this job's earlier name): the same code, flags and help.
 
-Reads ``<run_dir>/items/``, writes ``<run_dir>/item_summaries/`` and
-``<run_dir>/quarantine/item_summaries/``. Incremental: items whose summary is current for their
-image, model, generation settings and prompt are kept, the rest are summarized; a rerun after a
-crash only does the items left. ``--force`` summarizes every item again (the earlier summaries
-are removed only after the new ones are written); ``--dry-run`` says whether it would run.
-
-Embedded local Ray (no address)::
-
-    .venv/bin/python jobs/summarize_items.py --config configs/demo-cpu.yaml
-
-On a cluster (4 engine actors with one GPU each)::
-
-    ray job submit --working-dir . -- python jobs/summarize_items.py \
-        --config configs/paper-llava.yaml run_dir=s3://bucket/runs/paper \
-        item_summaries.pool.concurrency=4 item_summaries.pool.num_gpus=1
-
-Overrides are dotted ``key=value`` pairs, e.g. ``item_summaries.sampling.max_new_tokens=64``.
+.venv/bin/python jobs/summarize_items.py --config configs/demo-cpu.yaml   # = jobs/item_summaries.py
 """
 
 from __future__ import annotations
@@ -32,9 +16,8 @@ STAGE = "item_summaries"
 
 
 def make_parser():
-    return cli.stage_parser(__doc__, "item_summaries.pool.concurrency=2")
+    return cli.stage_parser(cli.job_doc(STAGE), cli.EXAMPLES[STAGE])
 
 
 if __name__ == "__main__":
-    args = make_parser().parse_intermixed_args()
-    cli.run_stage_job(cli.config_from_args(args), STAGE, force=args.force, dry_run=args.dry_run)
+    cli.stage_main(STAGE, cli.job_doc(STAGE))

@@ -1,22 +1,6 @@
-"""Summarize user preferences: recurrent (or direct) LLM summaries of each user's history.
+"""Alias of ``jobs/user_preferences.py`` (this job's earlier name): the same code, flags and help.
 
-Reads sequences/, items/ and item_summaries/; writes preferences/ (every intermediate state, the
-last one per user marked final) and quarantine/user_preferences/. Incremental: states whose
-inputs are unchanged are reused, and after new interactions only the new blocks are summarized.
-``--force`` recomputes every state; ``--dry-run`` says whether it would run and why.
-
-Embedded local Ray (no address)::
-
-    .venv/bin/python jobs/summarize_users.py --config configs/demo-cpu.yaml
-
-On a cluster::
-
-    ray job submit --working-dir . -- python jobs/summarize_users.py \
-        --config configs/qwen2.5-vl.yaml run_dir=s3://bucket/runs/microlens-50k
-
-Overrides are dotted ``key=value`` pairs, e.g. ``user_preferences.mode=direct``
-(the no-recurrence ablation), ``user_preferences.use_item_summaries=false`` (titles only),
-``user_preferences.pool.batch_size=256`` (users per wavefront batch).
+.venv/bin/python jobs/summarize_users.py --config configs/demo-cpu.yaml   # = jobs/user_preferences.py
 """
 
 from __future__ import annotations
@@ -32,9 +16,8 @@ STAGE = "user_preferences"
 
 
 def make_parser():
-    return cli.stage_parser(__doc__, "user_preferences.mode=direct")
+    return cli.stage_parser(cli.job_doc(STAGE), cli.EXAMPLES[STAGE])
 
 
 if __name__ == "__main__":
-    args = make_parser().parse_intermixed_args()
-    cli.run_stage_job(cli.config_from_args(args), STAGE, force=args.force, dry_run=args.dry_run)
+    cli.stage_main(STAGE, cli.job_doc(STAGE))

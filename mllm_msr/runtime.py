@@ -250,18 +250,27 @@ def init_ray(
     """
     import ray
 
+    from mllm_msr import console
+
     if ray.is_initialized():
         return ray
+    console.configure()  # our level and the engines' (--log-level), here and in the workers
     env_vars = {k: os.environ.get(k, v) for k, v in cpu_env_defaults().items()}
+    env_vars.update({k: os.environ.get(k, v) for k, v in console.worker_env().items()})
     for k in ("MLLM_MSR_CACHE", "VLLM_CACHE_ROOT", "TORCH_EXTENSIONS_DIR"):
         if k in os.environ:
             env_vars[k] = os.environ[k]
-    renv = {"env_vars": env_vars}
+    renv: dict[str, Any] = {
+        "env_vars": env_vars,
+        # every worker and actor sets our log levels and drops known noise before user code
+        "worker_process_setup_hook": "mllm_msr.console.setup_worker",
+    }
     if runtime_env:
-        renv = {**runtime_env, "env_vars": {**env_vars, **runtime_env.get("env_vars", {})}}
+        renv = {**renv, **runtime_env, "env_vars": {**env_vars, **runtime_env.get("env_vars", {})}}
     address = address or os.environ.get("RAY_ADDRESS")
+    engine_level = console.engine_level()  # the "ray" logger of this driver
     if address:
-        ray.init(address=address, runtime_env=renv, log_to_driver=True)
+        ray.init(address=address, runtime_env=renv, log_to_driver=True, logging_level=engine_level)
     else:
         for k, v in env_vars.items():
             os.environ.setdefault(k, v)
@@ -274,5 +283,7 @@ def init_ray(
             runtime_env=renv,
             include_dashboard=False,
             log_to_driver=True,
+            logging_level=engine_level,
         )
+    console.configure_ray_data()
     return ray

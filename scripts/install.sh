@@ -19,7 +19,13 @@ fi
 
 t0=$(date +%s)
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip=("$VENV/bin/python" -m pip)
+# pip's own output goes to a log file; the console gets one line (or the log's tail on failure).
+LOG=${INSTALL_LOG:-$VENV/install.log}
+: > "$LOG"
+printf 'installing profile %s into %s (pip log: %s) ... ' "$profile" "$VENV" "$LOG"
+trap 'rc=$?; echo; echo "install failed (exit $rc); last lines of $LOG:" >&2; tail -n 40 "$LOG" >&2; exit $rc' ERR
+pip_() { "$VENV/bin/python" -m pip "$@" >> "$LOG" 2>&1; }
+pip=(pip_)
 "${pip[@]}" install -q --upgrade "pip==25.3"
 
 case "$profile" in
@@ -27,14 +33,14 @@ case "$profile" in
     # torch==2.13.0+cpu: from a local find-links folder when present (PIP_FIND_LINKS), else from
     # the PyTorch CPU index.
     extra=()
-    if ! "${pip[@]}" download -q --no-deps -d "$(mktemp -d)" "torch==2.13.0+cpu" >/dev/null 2>&1; then
+    if ! "${pip[@]}" download -q --no-deps -d "$(mktemp -d)" "torch==2.13.0+cpu"; then
       extra=(--extra-index-url https://download.pytorch.org/whl/cpu)
     fi
     if [ -n "$relock" ] || [ ! -f requirements/cpu.lock ]; then
       "${pip[@]}" install "${extra[@]}" -e ".[cpu,dev]"
       { echo "# Exact versions of the cpu profile, resolved on Python 3.11 / x86_64 (scripts/install.sh cpu)."
         echo "# Regenerate: scripts/install.sh cpu --relock"
-        "${pip[@]}" freeze --exclude-editable | grep -v '^mllm-msr'; } > requirements/cpu.lock
+        "$VENV/bin/python" -m pip freeze --exclude-editable | grep -v '^mllm-msr'; } > requirements/cpu.lock
     else
       "${pip[@]}" install "${extra[@]}" -c requirements/cpu.lock -e ".[cpu,dev]"
     fi
@@ -50,4 +56,4 @@ case "$profile" in
   *) echo "unknown profile $profile (cpu|gpu)" >&2; exit 2 ;;
 esac
 echo "$profile-$(stamp_of)" > "$VENV/.mllm_msr_stamp"
-echo "installed profile $profile into $VENV in $(( $(date +%s) - t0 )) s ($(du -sh "$VENV" | cut -f1))"
+echo "done in $(( $(date +%s) - t0 )) s ($(du -sh "$VENV" | cut -f1))"

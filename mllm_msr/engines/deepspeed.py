@@ -172,12 +172,37 @@ def _install_op_lock() -> None:
     OpBuilder.jit_load = locked_jit_load
 
 
+def _quiet_op_notes() -> None:
+    """DeepSpeed ``print``s "DeepSpeed <op> built successfully" on every load of a cached op
+    (several times per rank): a debug log line instead, unless ``--log-level DEBUG``."""
+    import builtins
+    import importlib
+
+    from mllm_msr import console
+
+    # not ``import deepspeed.comm.torch as m``: deepspeed.comm's attribute ``torch`` is torch
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+
+    if console.engine_level() == "DEBUG" or getattr(ds_torch, "print", None) is not None:
+        return
+
+    def quiet_print(*args, **kwargs):
+        text = " ".join(map(str, args))
+        if "built successfully" in text:
+            log.debug("%s", text)
+            return
+        builtins.print(*args, **kwargs)
+
+    ds_torch.print = quiet_print  # module global: shadows the builtin in that module only
+
+
 def ensure_ops() -> bool:
     """Guard every DeepSpeed op load with :func:`op_lock` and load (building once per
     extensions directory) the ``deepspeed_shm_comm`` op that ``deepspeed.initialize`` loads on
     CPU; True when that op is available. Call before anything that may load a DeepSpeed op.
     """
     _install_op_lock()
+    _quiet_op_notes()
     from deepspeed.comm.torch import build_shm_op
 
     return build_shm_op() is not None

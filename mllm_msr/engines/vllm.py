@@ -154,6 +154,9 @@ class VLLMEngine:
 
         from vllm import LLM
 
+        from mllm_msr import console
+
+        quiet = console.quiet_vllm()  # known CPU notes and repeated warnings, dropped at source
         kwargs: dict[str, Any] = dict(
             model=self.model_path,
             tokenizer=self.model_path,
@@ -166,6 +169,8 @@ class VLLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
             seed=config.seed,
         )
+        if quiet:
+            kwargs["use_tqdm_on_load"] = False  # "Loading safetensors checkpoint shards" bars
         if self.family.multimodal:
             kwargs["limit_mm_per_prompt"] = {"image": config.limit_images_per_prompt}
             mm_kwargs = self.family.processor_kwargs(config.image_max_pixels)

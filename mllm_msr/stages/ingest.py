@@ -45,7 +45,7 @@ def format_summary(s: dict) -> str:
     for kind in ("items", "images", "interactions"):
         c = s[kind]
         lines.append(
-            f"  {kind:<13} read {c['read']:>9}  written {c['written']:>9}  "
+            f"[ingest]   {kind:<13} read {c['read']:>9}  written {c['written']:>9}  "
             f"quarantined {c['quarantined']:>7} {c['quarantined_by_reason'] or ''}"
         )
     return "\n".join(lines)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import time
 import uuid
@@ -63,6 +64,7 @@ from mllm_msr.config import ItemSummariesConfig, PipelineConfig
 from mllm_msr.data import schema
 from mllm_msr.runtime import RunDir, init_ray
 
+_log = logging.getLogger(__name__)
 STAGE = "item_summaries"
 OUTPUT = "item_summaries"
 QUARANTINE = f"quarantine/{STAGE}"
@@ -498,11 +500,15 @@ class ItemSummarizer:
         self._maybe_crash(rows)
         seconds = time.perf_counter() - t0
         self.batches += 1
-        print(
-            f"[{STAGE}] actor pid={os.getpid()} batch {self.batches}: {len(rows)} items -> "
-            f"{len(result.summaries)} summaries, {len(result.quarantine)} quarantined "
-            f"in {seconds:.2f} s ({name})",
-            flush=True,
+        _log.debug(
+            "actor pid=%d batch %d: %d items -> %d summaries, %d quarantined in %.2f s (%s)",
+            os.getpid(),
+            self.batches,
+            len(rows),
+            len(result.summaries),
+            len(result.quarantine),
+            seconds,
+            name,
         )
         return pa.table(
             {
@@ -584,23 +590,30 @@ def _summarize_with_ray(
         },
         batch_size=s.pool.batch_size,
         batch_format="pyarrow",
-        concurrency=s.pool.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=s.pool.concurrency),
         num_cpus=s.pool.num_cpus,
         num_gpus=num_gpus,
     )
     # Fault tolerance comes from Ray Data's actor-pool defaults (``max_restarts=-1``,
     # ``max_task_retries=-1``; Ray 2.60 deprecates passing them here): a dead actor is restarted
     # and its unfinished batch retried. Batch files are idempotent, so a retry never duplicates.
+    from mllm_msr.progress import Progress
+
     processed, first_start, last_end = 0, float("inf"), 0.0
+    progress = Progress(STAGE, total=len(todo), unit="items", write=None if log is print else log)
     for row in ds.iter_rows():
         processed += row["rows_in"]
         first_start = min(first_start, row["started_at"])
         last_end = max(last_end, row["finished_at"])
-        log(
-            f"[{STAGE}] {processed}/{len(todo)} items: batch {row['part']} "
-            f"{row['rows_out']} summarized, {row['quarantined']} quarantined "
-            f"({row['seconds']:.2f} s)"
+        progress.set(processed)
+        _log.debug(
+            "batch %s: %d summarized, %d quarantined (%.2f s)",
+            row["part"],
+            row["rows_out"],
+            row["quarantined"],
+            row["seconds"],
         )
+    progress.close()
     return {"processed": processed, "active_seconds": max(0.0, last_end - first_start)}
 
 

@@ -185,8 +185,10 @@ def format_summary(s: dict) -> str:
         f"quarantined {s['quarantined']} {s['quarantined_by_reason'] or ''}, "
         f"({k['user_core']},{k['item_core']})-core filtered {k['interactions_filtered']} "
         f"({k['users_filtered']} users, {k['items_filtered']} items, {k['rounds']} rounds)",
-        f"  after k-core: users {s['users']}  items {s['items']}  interactions {s['interactions']}",
+        f"[prepare]   after k-core: users {s['users']}  items {s['items']}  interactions {s['interactions']}",
     ]
     for name, c in s["splits"].items():
-        lines.append(f"  {name:<5} users {c['users']:>7}  candidates {c['candidates']:>8}")
+        lines.append(
+            f"[prepare]   {name:<5} users {c['users']:>7}  candidates {c['candidates']:>8}"
+        )
     return "\n".join(lines)

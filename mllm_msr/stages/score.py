@@ -237,11 +237,19 @@ def score_samples(
         },
         batch_size=pool.batch_size,
         batch_format="pyarrow",
-        concurrency=pool.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus or None,
     )
-    scored = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
+    from mllm_msr.progress import Progress
+
+    parts = []
+    progress = Progress("evaluate", total=samples.num_rows, unit="rows")
+    for part in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        parts.append(part)
+        progress.update(part.num_rows, method=method)
+    progress.close()
+    scored = pa.concat_tables(parts)
     # Ray Data may reorder blocks: restore the input order (user, candidate).
     order = {
         (u, i): n

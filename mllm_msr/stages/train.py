@@ -135,6 +135,8 @@ def run_train(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from mllm_msr import console
+
     t0 = time.perf_counter()
     train = cfg.train
     cache_dir = str(Path(cfg.cache_dir).absolute())
@@ -202,6 +204,8 @@ def run_train(
             storage_path=run.uri_of("train"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            # the controller's and workers' ray.train logs: WARNING unless --log-level DEBUG
+            logging_config=ray.train.LoggingConfig(log_level=console.engine_level()),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
@@ -482,6 +486,13 @@ def train_loop(config: dict) -> dict | None:
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    from mllm_msr.progress import Progress
+
+    # Rank 0 prints the progress line (Ray Train's report() reprs stay quiet, mllm_msr.console).
+    progress = Progress(
+        "train", total=total_steps, unit="steps", initial=state["step"], clock=time.perf_counter
+    )
+    per_step = train.micro_batch_size * train.grad_accum_steps * world
     engine.train()
     cap = per_epoch * train.grad_accum_steps  # micro-batches per rank per epoch
     while state["step"] < total_steps:
@@ -518,6 +529,15 @@ def train_loop(config: dict) -> dict | None:
             )
             t_step = now
             state.setdefault("startup_seconds", round(now - t_start - step_times[0], 2))
+            if rank == 0:
+                if len(step_times) == 1:  # the rate counts from the first step, not startup
+                    progress.start, progress.initial = now, state["step"]
+                rate = progress.rate(now)
+                progress.set(
+                    state["step"],
+                    loss=round(mean_loss, 4),
+                    **{"samples/s": round(rate * per_step, 2) if rate else "?"},
+                )
             if fail and rank == world - 1 and state["step"] == fail["step"]:
                 if not os.path.exists(fail["flag"]):
                     Path(fail["flag"]).parent.mkdir(parents=True, exist_ok=True)

@@ -557,18 +557,33 @@ def _run_batches_on_ray(
     results = ds.map_batches(
         PreferenceWorker,
         batch_size=1,
-        concurrency=max(1, min(pool.concurrency, len(rows))),
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(pool.concurrency, len(rows)))),
         **resources,
         fn_constructor_kwargs={
             "config": to_dict(cfg),
             "run_uri": run.uri,
             "cache_dir": _cache_dir(cfg),
         },
-    ).take_all()
+    )
+    from mllm_msr.progress import Progress
+
+    works = [w for _, ws in batches for w in ws]
+    n_users = len(works)
+    progress = Progress(STAGE, total=blocks_to_do(works, up), unit="blocks")
     total = WavefrontStats()
-    for r in results:
+    for r in results.iter_rows():  # one row per finished batch of users, as it finishes
         total.add(WavefrontStats(**{k: r[k] for k in _STAT_FIELDS}))
+        progress.set(total.blocks, users=f"{total.users}/{n_users}")
+    progress.close()
     return total
+
+
+def blocks_to_do(works: Sequence[UserWork], up: UserPreferencesConfig) -> int:
+    """Engine requests the wavefront will send for ``works``: users x their remaining rounds."""
+    return sum(
+        sum(1 for b in block_bounds(len(w.items), up.block_size, up.mode) if b[0] >= w.start)
+        for w in works
+    )
 
 
 def _cache_dir(cfg: PipelineConfig) -> str | None:

@@ -1,0 +1,7 @@
+"""``python -m mllm_msr <stage|pipeline> [args]``: the ``mllm-msr`` console script."""
+
+import sys
+
+from mllm_msr.cli import main
+
+sys.exit(main())
