@@ -37,8 +37,10 @@ def load_recommender(model_path: str, adapter_path: str | None, precision: str =
     model = auto.from_pretrained(model_path, dtype=dtype)
     if adapter_path:
         from mllm_msr.engines.peft import load_adapter
+        from mllm_msr.runtime import local_copy
 
-        model = load_adapter(model, adapter_path)
+        with local_copy(adapter_path) as local:  # the run's adapter may be on object storage
+            model = load_adapter(model, local)
     model.eval()
     return model
 
