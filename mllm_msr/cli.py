@@ -41,7 +41,12 @@ def start(cfg: PipelineConfig, ray: bool = True) -> RunDir:
     """Export the model cache dir, connect to (or start) Ray, and open the run directory."""
     use_cache_dir(cfg.cache_dir)
     if ray:
-        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+        init_ray(
+            cfg.ray.address,
+            cfg.ray.num_cpus,
+            cfg.ray.object_store_memory,
+            hf_hub_offline=cfg.hf_hub_offline,
+        )
     return RunDir(cfg.run_dir)
 
 

@@ -178,7 +178,12 @@ def run_pipeline(
         if any(s.run for s in steps):
             from mllm_msr.runtime import init_ray
 
-            init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+            init_ray(
+                cfg.ray.address,
+                cfg.ray.num_cpus,
+                cfg.ray.object_store_memory,
+                hf_hub_offline=cfg.hf_hub_offline,
+            )
         for step in steps:
             lease.check()
             if not step.run:
