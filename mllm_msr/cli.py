@@ -13,7 +13,7 @@ import argparse
 from typing import Any
 
 from mllm_msr.config import PipelineConfig, load_config
-from mllm_msr.runtime import RunDir, init_ray, use_cache_dir
+from mllm_msr.runtime import RunDir, check_run_dir_shared, init_ray, use_cache_dir
 
 
 def make_parser(doc: str | None, example: str = "train.lora.r=16") -> argparse.ArgumentParser:
@@ -47,7 +47,10 @@ def start(cfg: PipelineConfig, ray: bool = True) -> RunDir:
             cfg.ray.object_store_memory,
             hf_hub_offline=cfg.hf_hub_offline,
         )
-    return RunDir(cfg.run_dir)
+    run = RunDir(cfg.run_dir)
+    if ray:
+        check_run_dir_shared(run, cfg.run_dir_shared)
+    return run
 
 
 def stage_parser(doc: str | None, example: str) -> argparse.ArgumentParser:

@@ -501,6 +501,9 @@ class PipelineConfig:
     name: str = "demo"
     run_dir: str = "runs/demo"
     """Local path or pyarrow filesystem URI (``s3://bucket/run``)."""
+    run_dir_shared: bool = False
+    """A local-path ``run_dir`` is a mount that every Ray node shares (NFS, EFS). Without it a
+    local path on a cluster of several nodes is refused (the other nodes cannot see it)."""
     cache_dir: str = ".cache/mllm_msr"
     """Where tiny models and compiled artifacts are cached."""
     seed: int = 0

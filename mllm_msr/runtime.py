@@ -260,6 +260,33 @@ def local_copy(uri: str) -> Iterator[str]:
         yield tmp
 
 
+class RunDirNotShared(RuntimeError):
+    """A run directory on one node's disk used by a Ray cluster of several nodes."""
+
+
+def check_run_dir_shared(run: RunDir, shared: bool, nodes: int | None = None) -> None:
+    """Refuse a local-path run directory when the Ray cluster has more than one node.
+
+    Every node writes parts, checkpoints and records into the run directory: a path on the
+    driver's disk is not there on the other nodes. ``shared`` (``PipelineConfig.run_dir_shared``)
+    says the path is a mount every node sees (NFS, EFS...). ``nodes``: the number of alive Ray
+    nodes (default: asked from the connected Ray).
+    """
+    if not run.local or shared:
+        return
+    if nodes is None:
+        import ray
+
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1:
+        raise RunDirNotShared(
+            f"run_dir {run.uri} is a local path, but the Ray cluster has {nodes} nodes: workers "
+            f"on the other nodes would write to their own disks. Use object storage "
+            f"(run_dir=s3://bucket/run) or, if the path is a mount that every node shares, set "
+            f"run_dir_shared=true"
+        )
+
+
 def cpu_only_env() -> dict[str, str]:
     """vLLM settings measured on CPU-only hosts (DESIGN.md section 3). They are wrong on a GPU
     node, so they are never pushed to a whole cluster: the vLLM engine applies them in its own
