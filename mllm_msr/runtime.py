@@ -277,6 +277,8 @@ def check_run_dir_shared(run: RunDir, shared: bool, nodes: int | None = None) ->
     if nodes is None:
         import ray
 
+        if not ray.is_initialized():
+            return  # no cluster connected: nothing to compare with
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     if nodes > 1:
         raise RunDirNotShared(
