@@ -165,3 +165,25 @@ def test_demo_pipeline_on_s3_end_to_end_then_skips(s3_server, ray_s3):
 
     again = run_pipeline(cfg)
     assert all(s["skipped"] for s in again["stages"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_train_on_s3_resumes_from_its_s3_checkpoint_after_a_dead_worker(s3_server, ray_s3):
+    """Ray Train's checkpoints live on S3 (``storage_filesystem``): a worker that dies at step 6
+    restarts the run from the step-4 checkpoint read back from the bucket."""
+    from test_train import _toy_run, _train_cfg
+
+    from mllm_msr.stages.train import run_train
+
+    uri = f"s3://{s3_server['bucket']}/train-{uuid.uuid4().hex[:8]}"
+    run = _toy_run(uri)
+    cfg = _train_cfg(uri, "train.zero.stage=2", "train.max_steps=8")
+    summary = run_train(cfg, run, fail_once_at_step=6)
+    assert summary["steps"] == 8 and summary["attempts"] == 2
+    assert summary["resumed_from_steps"] == [4]
+    assert [s for s, _ in summary["losses"]] == list(range(1, 9))
+    assert run.exists("train", "_injected_failure")  # the fault flag, on S3 too
+    assert summary["checkpoint"].startswith(run.path("train", "recommender"))
+    assert run.exists("adapter", "adapter_config.json")
+    assert run.exists("adapter", "adapter_model.safetensors")
