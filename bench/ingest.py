@@ -80,7 +80,12 @@ def run_one(users: int, items: int, shards: int) -> dict:
                 },
             }
         )
-        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+        init_ray(
+            cfg.ray.address,
+            cfg.ray.num_cpus,
+            cfg.ray.object_store_memory,
+            hf_hub_offline=cfg.hf_hub_offline,
+        )
         sampler = MemorySampler()
         sampler.start()
         t0 = time.perf_counter()

@@ -28,7 +28,7 @@ from typing import Any
 
 from mllm_msr import console
 from mllm_msr.config import PipelineConfig, load_config, to_dict
-from mllm_msr.runtime import RunDir, init_ray, use_cache_dir
+from mllm_msr.runtime import RunDir, check_run_dir_shared, init_ray, use_cache_dir
 
 STAGE_JOBS = ("ingest", "prepare", "item_summaries", "user_preferences", "train", "evaluate")
 """One job per stage, named as the stage (``jobs/<stage>.py``, ``mllm-msr <stage>``)."""
@@ -94,8 +94,16 @@ def start(cfg: PipelineConfig, ray: bool = True) -> RunDir:
     """Export the model cache dir, connect to (or start) Ray, and open the run directory."""
     use_cache_dir(cfg.cache_dir)
     if ray:
-        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
-    return RunDir(cfg.run_dir)
+        init_ray(
+            cfg.ray.address,
+            cfg.ray.num_cpus,
+            cfg.ray.object_store_memory,
+            hf_hub_offline=cfg.hf_hub_offline,
+        )
+    run = RunDir(cfg.run_dir)
+    if ray:
+        check_run_dir_shared(run, cfg.run_dir_shared)
+    return run
 
 
 def stage_parser(doc: str | None, example: str) -> argparse.ArgumentParser:

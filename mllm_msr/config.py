@@ -508,6 +508,9 @@ class PipelineConfig:
     name: str = "demo"
     run_dir: str = "runs/demo"
     """Local path or pyarrow filesystem URI (``s3://bucket/run``)."""
+    run_dir_shared: bool = False
+    """A local-path ``run_dir`` is a mount that every Ray node shares (NFS, EFS). Without it a
+    local path on a cluster of several nodes is refused (the other nodes cannot see it)."""
     cache_dir: str = ".cache/mllm_msr"
     """Where tiny models and compiled artifacts are cached."""
     seed: int = 0
@@ -518,6 +521,10 @@ class PipelineConfig:
     no_progress_timeout_s: float = 1800.0
     """A stage whose outputs and progress do not move for this long fails, naming the stage
     (0 disables). Long enough for a slow engine start or a large checkpoint."""
+    hf_hub_offline: bool = True
+    """``HF_HUB_OFFLINE`` on every Ray worker: true (the demo, tests) never downloads at run time;
+    false lets nodes fetch hub models they lack (GPU clusters whose nodes start empty). The
+    variable set in the driver's environment wins."""
     stages: list[str] = field(
         default_factory=lambda: [
             "ingest",
@@ -808,10 +815,23 @@ def validate_models(cfg: PipelineConfig) -> None:
     """Check every model the configured stages load (:func:`models_in_use`, :func:`check_model`).
 
     Fast and side-effect free (no torch, vLLM or Ray; nothing built or downloaded): call it
-    before Ray starts. Raises :class:`ConfigError` on the first missing model.
+    before Ray starts. Raises :class:`ConfigError` on the first missing model. With
+    ``hf_hub_offline`` false, hub ids are not checked (the nodes download them).
     """
     for key, spec, family in models_in_use(cfg):
+        if not cfg.hf_hub_offline and _is_hub_id(spec):
+            continue  # nodes download it on first use
         check_model(key, spec, family)
+
+
+def _is_hub_id(spec: str) -> bool:
+    """``org/name`` that is not a tiny / packaged model nor an existing local path."""
+    return (
+        ":" not in spec
+        and spec.count("/") == 1
+        and not spec.startswith((".", "/", "~"))
+        and not Path(spec).exists()
+    )
 
 
 def to_dict(cfg: Any) -> dict:

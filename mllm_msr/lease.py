@@ -112,13 +112,10 @@ class RunLease:
         return True
 
     def _write(self) -> None:
-        tmp = self.run.path(f"{LEASE_FILE}.{self.token}.tmp")
-        with self.run.fs.open_output_stream(tmp) as fh:
-            fh.write(self._payload())
-        self.run.fs.move(tmp, self.run.path(LEASE_FILE))
+        self.run.write_bytes_at(self.run.path(LEASE_FILE), self._payload())
 
     def acquire(self) -> RunLease:
-        local = "://" not in self.run.uri
+        local = self.run.local
         for _ in range(3):
             holder = self.read()
             if holder is not None and holder.get("token") != self.token:

@@ -176,9 +176,15 @@ def run_pipeline(
     t_all = time.perf_counter()
     with RunLease(run, log=log) as lease:
         if any(s.run for s in steps):
-            from mllm_msr.runtime import init_ray
+            from mllm_msr.runtime import check_run_dir_shared, init_ray
 
-            init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+            init_ray(
+                cfg.ray.address,
+                cfg.ray.num_cpus,
+                cfg.ray.object_store_memory,
+                hf_hub_offline=cfg.hf_hub_offline,
+            )
+            check_run_dir_shared(run, cfg.run_dir_shared)
         for step in steps:
             lease.check()
             if not step.run:

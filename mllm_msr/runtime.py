@@ -3,6 +3,15 @@
 A run directory is a local path or any pyarrow filesystem URI (``s3://bucket/run``). Each stage
 writes its tables under ``<run_dir>/<table>/`` and, when finished, a marker
 ``<run_dir>/_stages/<stage>.json`` with its summary; a stage whose marker exists is complete.
+
+Object storage: the endpoint, region and credentials come from the standard AWS environment
+variables and config files (``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``, ``AWS_REGION``,
+``AWS_ACCESS_KEY_ID``...), which pyarrow's ``S3FileSystem`` reads; :func:`init_ray` forwards the
+``AWS_*`` variables set on the driver to every Ray worker. Every file is written so that no
+partial file is ever visible under its final name: on a local disk through a uniquely named
+temporary file and a rename; on object storage the object is uploaded in one request (or a
+multipart upload completed on close), which is atomic, so it goes straight to its final key
+(a rename there is a copy and a delete).
 """
 
 from __future__ import annotations
@@ -10,7 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +46,11 @@ class RunDir:
             self.uri = str(Path(self.uri).absolute())
             self.fs, self.root = pafs.LocalFileSystem(), self.uri
         self.fs.create_dir(self.root, recursive=True)
+
+    @property
+    def local(self) -> bool:
+        """True for a directory on this host's filesystem (local disk or a mounted volume)."""
+        return isinstance(self.fs, pafs.LocalFileSystem)
 
     # paths -----------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -59,15 +77,34 @@ class RunDir:
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(info.path)
 
+    # writes: never a partial file under its final name ------------------------------
+    def write_bytes_at(self, path: str, data: bytes) -> None:
+        """Write ``data`` to the filesystem path ``path`` (see the module doc: atomic)."""
+        if self.local:
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            with self.fs.open_output_stream(tmp) as fh:
+                fh.write(data)
+            self.fs.move(tmp, path)
+        else:
+            with self.fs.open_output_stream(path) as fh:
+                fh.write(data)
+
+    def write_parquet_at(self, path: str, table: pa.Table) -> None:
+        """Write ``table`` as one Parquet file at the filesystem path ``path``, atomically.
+
+        The file is encoded in memory first: the upload starts only once the whole file exists.
+        """
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.write_bytes_at(path, sink.getvalue().to_pybytes())
+
     # small files -------------------------------------------------------------
     def write_json(self, rel: str, obj: Any) -> None:
         parent = rel.rsplit("/", 1)[0] if "/" in rel else ""
         if parent:
             self.makedirs(parent)
-        tmp = self.path(rel + ".tmp")
-        with self.fs.open_output_stream(tmp) as fh:
-            fh.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-        self.fs.move(tmp, self.path(rel))
+        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+        self.write_bytes_at(self.path(rel), data)
 
     def read_json(self, rel: str) -> Any:
         with self.fs.open_input_stream(self.path(rel)) as fh:
@@ -75,12 +112,10 @@ class RunDir:
 
     # tables ------------------------------------------------------------------
     def write_table(self, table_dir: str, table: pa.Table, name: str = "part-00000") -> str:
-        """Write one Parquet file atomically (tmp + rename) under ``table_dir``."""
+        """Write one Parquet file atomically under ``table_dir``."""
         self.makedirs(table_dir)
         final = self.path(table_dir, f"{name}.parquet")
-        tmp = final + ".tmp"
-        pq.write_table(table, tmp, filesystem=self.fs)
-        self.fs.move(tmp, final)
+        self.write_parquet_at(final, table)
         return final
 
     def table_files(self, table_dir: str) -> list[str]:
@@ -204,17 +239,112 @@ class RunDir:
         return dropped
 
 
-def cpu_env_defaults() -> dict[str, str]:
-    """Environment settings measured to make vLLM + Ray behave on CPU-only hosts."""
+@contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """A local folder holding what the folder ``uri`` (a path or a pyarrow URI) holds.
+
+    A local path is yielded as is; a remote folder (``s3://...``) is downloaded into a temporary
+    folder that is removed on exit: for libraries that read local files only (peft, transformers).
+    """
+    if "://" not in uri:
+        yield uri
+        return
+    fs, path = pafs.FileSystem.from_uri(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="mmsr-copy-") as tmp:
+        pafs.copy_files(
+            path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+        yield tmp
+
+
+class RunDirNotShared(RuntimeError):
+    """A run directory on one node's disk used by a Ray cluster of several nodes."""
+
+
+def check_run_dir_shared(run: RunDir, shared: bool, nodes: int | None = None) -> None:
+    """Refuse a local-path run directory when the Ray cluster has more than one node.
+
+    Every node writes parts, checkpoints and records into the run directory: a path on the
+    driver's disk is not there on the other nodes. ``shared`` (``PipelineConfig.run_dir_shared``)
+    says the path is a mount every node sees (NFS, EFS...). ``nodes``: the number of alive Ray
+    nodes (default: asked from the connected Ray).
+    """
+    if not run.local or shared:
+        return
+    if nodes is None:
+        import ray
+
+        if not ray.is_initialized():
+            return  # no cluster connected: nothing to compare with
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1:
+        raise RunDirNotShared(
+            f"run_dir {run.uri} is a local path, but the Ray cluster has {nodes} nodes: workers "
+            f"on the other nodes would write to their own disks. Use object storage "
+            f"(run_dir=s3://bucket/run) or, if the path is a mount that every node shares, set "
+            f"run_dir_shared=true"
+        )
+
+
+def cpu_only_env() -> dict[str, str]:
+    """vLLM settings measured on CPU-only hosts (DESIGN.md section 3). They are wrong on a GPU
+    node, so they are never pushed to a whole cluster: the vLLM engine applies them in its own
+    process when that process sees no GPU (:func:`mllm_msr.engines.vllm.configure_environment`)."""
     return {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "VLLM_CPU_KVCACHE_SPACE": "1",
+    }
+
+
+def hub_env(offline: bool = True) -> dict[str, str]:
+    """The Hugging Face hub mode: ``PipelineConfig.hf_hub_offline`` (offline for the demo and
+    tests: nothing is downloaded at run time)."""
+    value = "1" if offline else "0"
+    return {"HF_HUB_OFFLINE": value, "TRANSFORMERS_OFFLINE": value}
+
+
+def cpu_env_defaults() -> dict[str, str]:
+    """Everything measured to make vLLM + Ray behave on one CPU-only host (tests, benches).
+
+    For a single host without a GPU only; :func:`init_ray` pushes no CPU-only setting.
+    """
+    return {
+        **cpu_only_env(),
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
+        **hub_env(True),
         "TOKENIZERS_PARALLELISM": "false",
     }
+
+
+def worker_env(hf_hub_offline: bool = True) -> dict[str, str]:
+    """The environment :func:`init_ray` gives every Ray worker, whatever its node.
+
+    The hub mode (:func:`hub_env`; set in the caller's environment, it wins), quiet tokenizers,
+    the caches and the ``AWS_*`` variables set here (:func:`aws_env`). Nothing CPU-specific:
+    CPU-only settings are applied per process where there is no GPU (:func:`cpu_only_env`); the
+    Ray Train health-check interval is set on the driver, which Ray Train passes to its
+    controller (:func:`mllm_msr.stages.train.run_train`).
+    """
+    defaults = {**hub_env(hf_hub_offline), "TOKENIZERS_PARALLELISM": "false"}
+    env = {k: os.environ.get(k, v) for k, v in defaults.items()}
+    for k in ("MLLM_MSR_CACHE", "VLLM_CACHE_ROOT", "TORCH_EXTENSIONS_DIR"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    env.update(aws_env())
+    return env
+
+
+def aws_env() -> dict[str, str]:
+    """The standard ``AWS_*`` variables set here (endpoint, region, credentials, profile).
+
+    Forwarded to Ray workers so that they reach the same object store as the driver. Clusters
+    that give their nodes an IAM role set none of them: nothing is forwarded then.
+    """
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
 
 
 def use_cache_dir(cache_dir: str) -> str:
@@ -228,25 +358,17 @@ def use_cache_dir(cache_dir: str) -> str:
     return path
 
 
-def has_gpu() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # pragma: no cover - torch missing
-        return False
-
-
 def init_ray(
     address: str | None = None,
     num_cpus: int | None = None,
     object_store_memory: int | None = 1_000_000_000,
     runtime_env: dict | None = None,
+    hf_hub_offline: bool = True,
 ) -> Any:
     """Connect to ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray.
 
-    The worker environment gets the CPU defaults (offline hub, vLLM CPU settings) unless the
-    caller's environment already sets them.
+    Every worker gets :func:`worker_env` (the hub mode ``hf_hub_offline``, the caches, the
+    ``AWS_*`` variables set here); nothing CPU-specific is pushed to GPU nodes.
     """
     import ray
 
@@ -255,11 +377,8 @@ def init_ray(
     if ray.is_initialized():
         return ray
     console.configure()  # our level and the engines' (--log-level), here and in the workers
-    env_vars = {k: os.environ.get(k, v) for k, v in cpu_env_defaults().items()}
+    env_vars = worker_env(hf_hub_offline)
     env_vars.update({k: os.environ.get(k, v) for k, v in console.worker_env().items()})
-    for k in ("MLLM_MSR_CACHE", "VLLM_CACHE_ROOT", "TORCH_EXTENSIONS_DIR"):
-        if k in os.environ:
-            env_vars[k] = os.environ[k]
     renv: dict[str, Any] = {
         "env_vars": env_vars,
         # every worker and actor sets our log levels and drops known noise before user code

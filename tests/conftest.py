@@ -17,18 +17,35 @@ def ray_local():
     """
     import ray
 
-    from mllm_msr.runtime import cpu_env_defaults
-
     if ray.is_initialized():
         yield ray
         return
+    _start_local_ray()
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        while _RAY_TEMPS:
+            shutil.rmtree(_RAY_TEMPS.pop(), ignore_errors=True)
+
+
+_RAY_TEMPS: list[str] = []
+
+
+def _start_local_ray() -> None:
+    import ray
+
+    from mllm_msr.runtime import aws_env, cpu_env_defaults
+
     env = {k: os.environ.get(k, v) for k, v in cpu_env_defaults().items()}
     for key in ("MLLM_MSR_CACHE", "VLLM_CACHE_ROOT", "TORCH_EXTENSIONS_DIR"):
         if key in os.environ:
             env[key] = os.environ[key]
     for key, value in env.items():
         os.environ.setdefault(key, value)
+    env.update(aws_env())
     temp = tempfile.mkdtemp(prefix="mmsr-ray-")  # short: Ray's socket paths have a length cap
+    _RAY_TEMPS.append(temp)
     ray.init(
         address="local",  # never join another cluster running on this host
         num_cpus=2,
@@ -38,8 +55,72 @@ def ray_local():
         runtime_env={"env_vars": env},
         log_to_driver=True,
     )
+
+
+# --------------------------------------------------------------------------- object storage
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API on 127.0.0.1 (moto's ``ThreadedMotoServer``) with one bucket.
+
+    Sets the standard AWS variables (endpoint, region, test credentials) in this process for
+    the session, so that pyarrow's ``S3FileSystem`` and Ray workers started afterwards
+    (``init_ray`` forwards ``AWS_*``) reach it; restores them afterwards. Yields
+    ``{"endpoint", "bucket"}``; a run directory is ``s3://<bucket>/<name>``.
+    """
+    import logging
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_SESSION_TOKEN", "AWS_PROFILE"]}
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    os.environ.pop("AWS_PROFILE", None)
+    os.environ.update(env)
+    bucket = "mmsr-test"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
     try:
-        yield ray
+        yield {"endpoint": endpoint, "bucket": bucket}
     finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def ray_s3(s3_server, ray_local):
+    """``ray_local`` whose workers see the S3 server's ``AWS_*`` settings.
+
+    Ray workers inherit the environment of the moment Ray started: a session whose Ray started
+    before :func:`s3_server` gets a fresh Ray with the same settings (and the S3 variables).
+    """
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def endpoint() -> str | None:
+        return os.environ.get("AWS_ENDPOINT_URL")
+
+    if ray.get(endpoint.remote()) != s3_server["endpoint"]:
         ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+        _start_local_ray()
+    yield ray

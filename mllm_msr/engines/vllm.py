@@ -85,9 +85,10 @@ def configure_environment(config: EngineConfig, cache_dir: str | os.PathLike) ->
         "VLLM_CONFIG_ROOT": str(cache / "vllm" / "config"),
     }
     forced: dict[str, str] = {}
-    if not has_gpu():
-        defaults["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        defaults["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    if not has_gpu():  # this process's node: the CPU-only settings never reach a GPU worker
+        from mllm_msr.runtime import cpu_only_env
+
+        defaults.update(cpu_only_env())
         forced["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_space_gib)
     applied = {}
     for key, value in defaults.items():

@@ -53,7 +53,12 @@ def format_summary(s: dict) -> str:
 
 def run_ingest(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
     """Run the ingest stage (the pipeline decides when); returns its summary."""
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+    init_ray(
+        cfg.ray.address,
+        cfg.ray.num_cpus,
+        cfg.ray.object_store_memory,
+        hf_hub_offline=cfg.hf_hub_offline,
+    )
     for table in OUTPUTS:  # partial outputs of a crashed run
         run.remove(table)
     t0 = time.perf_counter()

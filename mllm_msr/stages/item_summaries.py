@@ -49,7 +49,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,12 +337,8 @@ def title_summaries(rows: Sequence[dict[str, Any]], cfg: ItemSummariesConfig) ->
 
 
 def _write_atomic(run: RunDir, table_dir: str, name: str, table: pa.Table) -> None:
-    """Write ``<table_dir>/<name>.parquet`` through a uniquely named temporary file."""
-    run.makedirs(table_dir)
-    final = run.path(table_dir, f"{name}.parquet")
-    tmp = f"{final}.{uuid.uuid4().hex}.tmp"
-    pq.write_table(table, tmp, filesystem=run.fs)
-    run.fs.move(tmp, final)
+    """Write ``<table_dir>/<name>.parquet`` atomically (:meth:`RunDir.write_parquet_at`)."""
+    run.write_table(table_dir, table, name)
 
 
 def write_batch(run: RunDir, name: str, result: BatchResult) -> None:
@@ -376,9 +371,7 @@ def _rewrite(run: RunDir, path: str, keep: list[bool]) -> None:
     if kept.num_rows == 0:
         run.fs.delete_file(path)
         return
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    pq.write_table(kept, tmp, filesystem=run.fs)
-    run.fs.move(tmp, path)
+    run.write_parquet_at(path, kept)
 
 
 def reconcile(
@@ -565,7 +558,12 @@ def _summarize_with_ray(
     from ray.data.expressions import col
 
     s = cfg.item_summaries
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+    init_ray(
+        cfg.ray.address,
+        cfg.ray.num_cpus,
+        cfg.ray.object_store_memory,
+        hf_hub_offline=cfg.hf_hub_offline,
+    )
     ds = ray.data.read_parquet(run.uri_of("items"), columns=INPUT_COLUMNS)
     if len(todo) < n_items:
         ds = ds.filter(expr=col("item_id").is_in(sorted(todo)))

@@ -100,7 +100,12 @@ def run_prepare(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
     """Run the prepare stage (the pipeline decides when); returns its summary."""
     import ray.data
 
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+    init_ray(
+        cfg.ray.address,
+        cfg.ray.num_cpus,
+        cfg.ray.object_store_memory,
+        hf_hub_offline=cfg.hf_hub_offline,
+    )
     for table in OUTPUTS:
         run.remove(table)
     t0 = time.perf_counter()

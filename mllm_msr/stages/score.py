@@ -41,8 +41,10 @@ def load_recommender(
     model = families.load_model(model_path, fam, dtype)
     if adapter_path:
         from mllm_msr.engines.peft import load_adapter
+        from mllm_msr.runtime import local_copy
 
-        model = load_adapter(model, adapter_path)
+        with local_copy(adapter_path) as local:  # the run's adapter may be on object storage
+            model = load_adapter(model, local)
     model.eval()
     return model
 

@@ -128,7 +128,7 @@ def run_train(
     the latest checkpoint only when it was made from the same samples and settings
     (:func:`checkpoint_fingerprint`); checkpoints of anything else are removed and training
     starts over. The exported adapter of an earlier run stays until the new one replaces it. ``fail_once_at_step`` is fault injection for tests: the last rank's process exits
-    once when it reaches that optimizer step (a flag file in a local run directory makes it
+    once when it reaches that optimizer step (a flag file in the run directory makes it
     once), and ``FailureConfig`` restarts the run from the last checkpoint.
     """
     import ray.data
@@ -170,7 +170,12 @@ def run_train(
         f"{stats['fallback_users']} users without preference -> titles"
     )
 
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+    init_ray(
+        cfg.ray.address,
+        cfg.ray.num_cpus,
+        cfg.ray.object_store_memory,
+        hf_hub_offline=cfg.hf_hub_offline,
+    )
     datasets = {"train": ray.data.from_arrow(_shuffled(train_rows, train.seed))}
     eval_rows = min(val_rows.num_rows, train.eval_samples)
     eval_rows -= eval_rows % train.num_workers
@@ -188,7 +193,7 @@ def run_train(
         "run_name": cfg.name,
         "fail_once": None
         if fail_once_at_step is None
-        else {"step": fail_once_at_step, "flag": run.path("train", "_injected_failure")},
+        else {"step": fail_once_at_step, "run": run.uri, "flag": "train/_injected_failure"},
     }
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
@@ -201,7 +206,10 @@ def run_train(
         ),
         run_config=ray.train.RunConfig(
             name=RUN_NAME,
-            storage_path=run.uri_of("train"),
+            # The run directory's own filesystem (S3: endpoint and credentials from the AWS_*
+            # environment, see mllm_msr.runtime), so checkpoints land where the tables are.
+            storage_path=run.path("train"),
+            storage_filesystem=run.fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             # the controller's and workers' ray.train logs: WARNING unless --log-level DEBUG
@@ -539,9 +547,9 @@ def train_loop(config: dict) -> dict | None:
                     **{"samples/s": round(rate * per_step, 2) if rate else "?"},
                 )
             if fail and rank == world - 1 and state["step"] == fail["step"]:
-                if not os.path.exists(fail["flag"]):
-                    Path(fail["flag"]).parent.mkdir(parents=True, exist_ok=True)
-                    Path(fail["flag"]).touch()
+                flag_run = RunDir(fail["run"])  # any run directory, local or object storage
+                if not flag_run.exists(fail["flag"]):
+                    flag_run.write_json(fail["flag"], {"step": state["step"]})
                     print(f"[train] rank {rank}: injected worker death at step {state['step']}")
                     os._exit(1)  # the process dies, as on a lost node or an OOM kill
             last = state["step"] >= total_steps

@@ -543,7 +543,12 @@ def _run_batches_on_ray(
 
     from mllm_msr.runtime import init_ray
 
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory)
+    init_ray(
+        cfg.ray.address,
+        cfg.ray.num_cpus,
+        cfg.ray.object_store_memory,
+        hf_hub_offline=cfg.hf_hub_offline,
+    )
     up = cfg.user_preferences
     rows = [
         {"part": name, "payload": json.dumps([w.to_json() for w in works])}

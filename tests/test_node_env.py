@@ -1,0 +1,76 @@
+"""Settings per node kind: nothing CPU-specific reaches a GPU worker; the hub mode is a config
+choice; the ``AWS_*`` variables reach the workers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mllm_msr.config import ConfigError, EngineConfig, load_config, validate_models
+from mllm_msr.runtime import cpu_only_env, worker_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in [*cpu_only_env(), "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"]:
+        monkeypatch.delenv(key, raising=False)
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    return monkeypatch
+
+
+def test_worker_env_has_no_cpu_only_settings(clean_env):
+    env = worker_env(hf_hub_offline=True)
+    assert not set(env) & set(cpu_only_env())
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in env
+    assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == "1"
+    assert worker_env(hf_hub_offline=False)["HF_HUB_OFFLINE"] == "0"
+    clean_env.setenv("HF_HUB_OFFLINE", "1")  # the driver's environment wins over the config
+    assert worker_env(hf_hub_offline=False)["HF_HUB_OFFLINE"] == "1"
+
+
+def test_worker_env_forwards_aws_variables(clean_env):
+    assert not [k for k in worker_env() if k.startswith("AWS_")]
+    clean_env.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    clean_env.setenv("AWS_REGION", "eu-west-1")
+    env = worker_env()
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and env["AWS_REGION"] == "eu-west-1"
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_vllm_cpu_settings_only_in_a_process_without_gpu(clean_env, tmp_path, gpu):
+    from mllm_msr.engines import vllm
+
+    clean_env.setattr(vllm, "has_gpu", lambda: gpu)
+    applied = vllm.configure_environment(EngineConfig(model="tiny:qwen2-vl"), tmp_path)
+    cpu_keys = set(cpu_only_env())
+    if gpu:
+        assert not cpu_keys & set(applied) and not cpu_keys & set(os.environ)
+    else:
+        assert cpu_keys <= set(applied)
+        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+def test_hf_hub_offline_is_a_config_choice():
+    assert load_config(ROOT / "configs" / "demo-cpu.yaml").hf_hub_offline is True
+    for name in ("qwen2.5-vl.yaml", "paper-llava.yaml"):  # GPU configs may use the hub
+        assert load_config(ROOT / "configs" / name).hf_hub_offline is False
+    spec = "someorg/never-cached-model-xyz"
+    offline = load_config(
+        None, [f"user_preferences.engine.model={spec}", "stages=[user_preferences]"]
+    )
+    with pytest.raises(ConfigError, match="never-cached"):
+        validate_models(offline)
+    online = load_config(
+        None,
+        [
+            f"user_preferences.engine.model={spec}",
+            "stages=[user_preferences]",
+            "hf_hub_offline=false",
+        ],
+    )
+    validate_models(online)  # the nodes download it
