@@ -183,6 +183,12 @@ def run_pipeline_job(
         lines += ["", f"{m.get('split', 'test')} metrics (x100):"]
         table = format_metrics_table(m["methods"], ks=m.get("ks", (1, 3, 5, 10)), fmt="text")
         lines += table.splitlines()
+        for method, sens in (m.get("user_sensitivity") or {}).get("methods", {}).items():
+            d, lo, hi = (100 * v for v in sens["own_minus_swapped"]["auc"])
+            lines.append(
+                f"user sensitivity of {method}: AUC own - swapped preference = "
+                f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}] (about 0: the model ignores its user)"
+            )
     lines += ["", f"run directory: {summary['run_dir']}  ({summary['seconds']:.0f} s)"]
     for line in lines:
         print(f"[pipeline] {line}" if line else "")
