@@ -190,7 +190,7 @@ def no_progress_watchdog(
     not changed for ``limit_s`` seconds. ``limit_s`` None or <= 0 disables it. ``setting`` names
     the config key or variable that raises the limit, for the message.
 
-        with no_progress_watchdog("item_summaries", 1800, lambda: run.count_rows("x"),
+        with no_progress_watchdog("item_summaries", 1800, lambda: run.usage(["x"]),
                                   setting="stages.item_summaries.no_progress_s"):
             ...
     """

@@ -22,8 +22,6 @@ import pyarrow.compute as pc
 
 from mllm_msr.config import PrepareConfig
 
-SPLITS = ("train", "val", "test")
-
 #: One row per (user, split) example: the sequence and its candidates (written as two tables).
 EXAMPLES = pa.schema(
     [

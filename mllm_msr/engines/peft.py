@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import PeftModel, get_peft_model
 
 from mllm_msr import families
 from mllm_msr.config import LoraConfig
@@ -84,11 +84,6 @@ def apply_lora(
         bias="none",
     )
     return get_peft_model(model, peft_cfg)
-
-
-def adapter_state_dict(model: PeftModel, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
-    """The adapter weights (peft key names), from ``state_dict`` when given (e.g. gathered)."""
-    return get_peft_model_state_dict(model, state_dict=state_dict)
 
 
 def save_adapter(model: PeftModel, path: str | os.PathLike, state_dict: dict | None = None) -> None:

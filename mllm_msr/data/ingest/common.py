@@ -432,12 +432,6 @@ def write_routed(ds: Any, run: RunDir, table: str, table_schema: pa.Schema) -> d
     return sink.result
 
 
-def count_rows(run: RunDir, table: str) -> int:
-    return sum(
-        pq.ParquetFile(f, filesystem=run.fs).metadata.num_rows for f in run.table_files(table)
-    )
-
-
 # --------------------------------------------------------------------------- readers
 
 
