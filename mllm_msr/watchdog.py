@@ -92,6 +92,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._target = threading.current_thread()
         self._how: str | None = None  # "signal" or "async" once fired
+        self._previous: Any = None  # the SIGINT handler before the block (main thread only)
         self._thread: threading.Thread | None = None
 
     def beat(self) -> None:
@@ -127,14 +128,30 @@ class Watchdog:
             self.stalled = stalled
             log.error("%s", stalled)
             target = self._target
-            if target is threading.main_thread() and callable(signal.getsignal(signal.SIGINT)):
+            if self._previous is not None:  # our SIGINT handler is installed for the block
                 self._how = "signal"
                 signal.pthread_kill(target.ident, signal.SIGINT)
             else:
                 self._how = "async"
                 _async_raise(target.ident, StageStalled)
 
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        """Our SIGINT handler for the block: the watchdog's interrupt raises here whatever
+        handler an engine installed before (vLLM's exits the process with status 0); a real
+        Ctrl-C goes to the previous handler."""
+        if self.stalled is not None:
+            raise KeyboardInterrupt
+        previous = self._previous
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.default_int_handler(signum, frame)
+
     def __enter__(self) -> Watchdog:
+        self._previous = None
+        if self.limit_s > 0 and self._target is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._on_sigint)
         if self.limit_s > 0:
             self._thread = threading.Thread(
                 target=self._watch, name=f"watchdog-{self.stage}", daemon=True
@@ -148,6 +165,11 @@ class Watchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
     def _drain(self) -> None:
         """Take an interrupt the block did not see (it ended as the watchdog fired) here."""
@@ -169,7 +191,9 @@ class Watchdog:
         except ours:
             self._stop.set()
             if self.stalled is None:
+                self._restore()
                 raise  # a real Ctrl-C
+        self._restore()
         if self.stalled is None:
             return False
         if exc_type is None or seen:

@@ -84,9 +84,10 @@ def test_demo_pipeline_end_to_end_then_skips(ray_local, tmp_path):
     assert metrics["provenance"]["stage_fingerprints"].keys() >= {"ingest", "train"}
     assert on_disk["provenance"]["config"]["run_dir"] == cfg.run_dir
     report = (Path(cfg.run_dir) / "report.html").read_text()
-    for section in ("metrics", "paired", "curves", "training", "scores", "stages", "provenance"):
+    sections = ("metrics", "paired", "curves", "training", "scores", "sensitivity", "stages")
+    for section in (*sections, "provenance"):
         assert f'id="{section}"' in report, section
-    assert report.count("data:image/png;base64,") == 4
+    assert report.count("data:image/png;base64,") == 5  # with user sensitivity
     adapter = json.loads((Path(cfg.run_dir) / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == cfg.train.model  # a spec, not a path
     assert (

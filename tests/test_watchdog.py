@@ -152,3 +152,24 @@ def test_ray_data_guard_fails_a_stuck_dataset(ray_local):
             ray.data.range(4, override_num_blocks=2).map_batches(stuck).take_all()
     assert time.monotonic() - t0 < 25
     assert "execution_no_progress_timeout_s" in str(err.value)  # Ray's own explanation follows
+
+
+def test_an_engine_sigint_handler_does_not_swallow_the_stall():
+    """vLLM installs a SIGINT handler that exits with status 0; the watchdog's own handler
+    takes the block's interrupt, and the engine's handler is back afterwards."""
+    import signal
+    import sys
+
+    def engine_handler(signum, frame):
+        sys.exit(0)
+
+    before = signal.signal(signal.SIGINT, engine_handler)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StageStalled, match="stage 'train'"):
+            with no_progress_watchdog("train", 0.2, lambda: None):
+                time.sleep(20)
+        assert time.monotonic() - t0 < 5
+        assert signal.getsignal(signal.SIGINT) is engine_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
