@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from reduced_demo import REDUCED_DEMO
 
 from mllm_msr import cli, console
 from mllm_msr.contract import ORDER
@@ -228,15 +229,6 @@ def test_help_examples_keep_their_line_continuations():
 
 # --------------------------------------------------------------------------- the reduced demo
 
-REDUCED_DEMO = [
-    "ingest.demo_users=80",
-    "ingest.demo_items=60",
-    "item_summaries.sampling.max_new_tokens=8",
-    "user_preferences.sampling.max_new_tokens=8",
-    "train.max_steps=4",
-    "train.checkpoint_every=4",
-    "train.image_size=56",
-]
 LONG_STAGES = ("item_summaries", "user_preferences", "train", "evaluate")
 
 

@@ -30,19 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from reduced_demo import REDUCED_DEMO
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "local_cluster.sh"
 STAGES: list[str] | None = None
-REDUCED = [  # the reduced demo of tests/test_pipeline.py: every stage, in minutes
-    "ingest.demo_users=80",
-    "ingest.demo_items=60",
-    "item_summaries.sampling.max_new_tokens=8",
-    "user_preferences.sampling.max_new_tokens=8",
-    "train.max_steps=4",
-    "train.checkpoint_every=4",
-    "train.image_size=56",
-]
 """Pipeline stages the test job runs (``None``: all of them)."""
 
 
@@ -307,7 +299,11 @@ def test_local_cluster_token_auth_submit_and_stop() -> None:
         job_id = f"mllm-msr-test-{uuid.uuid4().hex[:8]}"
         command = ["python", "jobs/pipeline.py", "--config", "configs/demo-cpu.yaml"]
         # The repository's model cache: tiny models and DeepSpeed's compiled op are reused.
-        command += [f"run_dir={run_dir}", f"cache_dir={REPO / '.cache' / 'mllm_msr'}", *REDUCED]
+        command += [
+            f"run_dir={run_dir}",
+            f"cache_dir={REPO / '.cache' / 'mllm_msr'}",
+            *REDUCED_DEMO,
+        ]
         if STAGES is not None:
             command.append(f"stages=[{','.join(STAGES)}]")
         t0 = time.monotonic()

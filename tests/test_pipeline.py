@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from reduced_demo import REDUCED_DEMO, check_counts_add_up
 
 from mllm_msr.config import load_config
 from mllm_msr.pipeline import format_run_summary, run_pipeline
@@ -28,13 +29,7 @@ def test_demo_pipeline_end_to_end_then_skips(ray_local, tmp_path):
         ROOT / "configs" / "demo-cpu.yaml",
         [
             f"run_dir={tmp_path / 'run'}",
-            "ingest.demo_users=80",
-            "ingest.demo_items=60",
-            "item_summaries.sampling.max_new_tokens=8",
-            "user_preferences.sampling.max_new_tokens=8",
-            "train.max_steps=4",
-            "train.checkpoint_every=4",
-            "train.image_size=56",
+            *REDUCED_DEMO,
             "evaluate.baselines=[popularity,zero_shot,random]",
         ],
     )
@@ -53,22 +48,7 @@ def test_demo_pipeline_end_to_end_then_skips(ray_local, tmp_path):
     on_disk = json.loads((Path(cfg.run_dir) / "run_summary.json").read_text())
     assert on_disk["stages"].keys() == stages.keys()
 
-    # Counts add up: nothing lost between stages.
-    items = run.read_table("items", ["item_id"])
-    summaries = run.read_table("item_summaries", ["item_id"])
-    # An item is summarized or quarantined (e.g. an empty output of the random model), once.
-    quarantined = (
-        run.read_table("quarantine/item_summaries", ["key"])["key"].to_pylist()
-        if run.table_files("quarantine/item_summaries")
-        else []
-    )
-    done = summaries["item_id"].to_pylist()
-    assert len(done) == len(set(done)) and not set(done) & set(quarantined)
-    assert sorted(done + quarantined) == sorted(items["item_id"].to_pylist())
-    sequences = run.read_table("sequences", ["user_id", "split"])
-    prefs = run.read_table("preferences", ["user_id", "is_final"])
-    finals = [u for u, f in zip(prefs["user_id"].to_pylist(), prefs["is_final"].to_pylist()) if f]
-    assert sorted(finals) == sorted(sequences["user_id"].to_pylist())
+    sequences = check_counts_add_up(run)  # nothing lost between stages
 
     metrics = json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
     n_test = sequences["split"].to_pylist().count("test")

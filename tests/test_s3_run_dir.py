@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
+from reduced_demo import REDUCED_DEMO, check_counts_add_up
 
 from mllm_msr.runtime import RunDir, local_copy
 
@@ -94,16 +95,7 @@ def test_local_copy_of_an_s3_folder(s3_server):
         assert same == "/some/local/path"
 
 
-REDUCED = [
-    "ingest.demo_users=80",
-    "ingest.demo_items=60",
-    "item_summaries.sampling.max_new_tokens=8",
-    "user_preferences.sampling.max_new_tokens=8",
-    "train.max_steps=4",
-    "train.checkpoint_every=4",
-    "train.image_size=56",
-    "evaluate.baselines=[popularity,zero_shot,random]",
-]
+REDUCED = [*REDUCED_DEMO, "evaluate.baselines=[popularity,zero_shot,random]"]
 
 
 @pytest.mark.slow
@@ -136,20 +128,7 @@ def test_demo_pipeline_on_s3_end_to_end_then_skips(s3_server, ray_s3):
         assert record and record["fingerprint"], stage
         for part, described in record["parts"].items():
             assert run.describe_file(part) == described, part
-    items = run.read_table("items", ["item_id"])
-    summaries = run.read_table("item_summaries", ["item_id"])
-    quarantined = (
-        run.read_table("quarantine/item_summaries", ["key"])["key"].to_pylist()
-        if run.table_files("quarantine/item_summaries")
-        else []
-    )
-    done = summaries["item_id"].to_pylist()
-    assert len(done) == len(set(done)) and not set(done) & set(quarantined)
-    assert sorted(done + quarantined) == sorted(items["item_id"].to_pylist())
-    sequences = run.read_table("sequences", ["user_id", "split"])
-    prefs = run.read_table("preferences", ["user_id", "is_final"])
-    finals = [u for u, f in zip(prefs["user_id"].to_pylist(), prefs["is_final"].to_pylist()) if f]
-    assert sorted(finals) == sorted(sequences["user_id"].to_pylist())
+    sequences = check_counts_add_up(run)  # nothing lost between stages
     assert run.files_under("train/recommender"), "Ray Train checkpoints on S3"
     assert run.stage_summary("train")["steps"] == 4
     assert run.exists("adapter", "adapter_config.json")
