@@ -187,7 +187,7 @@ def run_pipeline_job(
             d, lo, hi = (100 * v for v in sens["own_minus_swapped"]["auc"])
             lines.append(
                 f"user sensitivity of {method}: AUC own - swapped preference = "
-                f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}] (about 0: the model ignores its user)"
+                f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}] (x100; near 0 when a model ignores its user)"
             )
     lines += ["", f"run directory: {summary['run_dir']}  ({summary['seconds']:.0f} s)"]
     for line in lines:
