@@ -269,13 +269,24 @@ def test_rayjob_runs_the_pipeline_and_shuts_down() -> None:
     spec = doc["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["ttlSecondsAfterFinished"] > 0
-    words = shlex.split(spec["entrypoint"])
+    # KubeRay builds `ray job submit --address … --no-wait -- <entrypoint>` and runs it with
+    # `bash -ce`, the entrypoint pasted unquoted: a shell operator would end the Ray job there
+    # (`cd x && python …` submits only `cd x`; the rest runs in the submitter pod).
+    command = f"ray job submit --address http://head:8265 --no-wait -- {spec['entrypoint']}"
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    tokens = list(lexer)
+    operators = [t for t in tokens if set(t) <= set("&|;<>()")]
+    assert not operators, f"entrypoint holds shell operators {operators}: {spec['entrypoint']!r}"
+    words = tokens[tokens.index("--") + 1 :]
+    assert words[0] in ("python", "python3") and "cd" not in words, words
+    image_root = "/home/ray/mllm-msr/"  # where cluster/Dockerfile copies the repository
+    script = words[1]
+    assert script == image_root + "jobs/pipeline.py", script
     config = words[words.index("--config") + 1]
-    assert (REPO / config).is_file(), config
+    assert config.startswith(image_root) and (REPO / config[len(image_root) :]).is_file(), config
     overrides = [w for w in words if w.startswith("run_dir=")]
     assert overrides and overrides[0].startswith("run_dir=s3://")
-    script = next(w for w in words if w.endswith(".py"))
-    assert script == "jobs/pipeline.py" and (REPO / script).is_file()
 
 
 def test_documented_commands_name_existing_jobs_and_configs() -> None:
