@@ -242,6 +242,15 @@ def test_kuberay_head_cpu_only_and_gpu_group_from_zero(name: str, doc: dict) -> 
         assert any(k.startswith("accelerator_type:") for k in group["resources"])
         tolerations = group["template"]["spec"]["tolerations"]
         assert any(t["key"] == "nvidia.com/gpu" for t in tolerations)
+        accelerator = next(k for k in group["resources"] if k.startswith("accelerator_type:"))
+        selector = group["template"]["spec"]["nodeSelector"]  # pinned to that GPU's nodes
+        assert any(accelerator.split(":")[1] in v for v in selector.values()), selector
+    # CPU-only stages must not start GPU nodes: a CPU group from zero (the head has 0 CPUs)
+    cpu_groups = [g for g in spec["workerGroupSpecs"] if g not in gpu_groups]
+    assert cpu_groups, "no CPU worker group"
+    for group in cpu_groups:
+        assert group["minReplicas"] == 0 and group.get("replicas", 0) == 0
+        assert group["maxReplicas"] >= 1
 
 
 @pytest.mark.parametrize("name,doc", MANIFESTS, ids=[n for n, _ in MANIFESTS])
@@ -343,6 +352,9 @@ def test_launcher_head_runs_no_tasks_and_gpu_group_scales_from_zero() -> None:
     for node_type in gpu:
         assert node_type["min_workers"] == 0 and node_type["max_workers"] >= 1
         assert any(k.startswith("accelerator_type:") for k in node_type["resources"])
+    cpu = [t for t in workers if not t["resources"].get("GPU") and t["resources"].get("CPU")]
+    assert cpu, "no CPU worker type: CPU-only stages would start GPU nodes"
+    assert all(t["min_workers"] == 0 and t["max_workers"] >= 1 for t in cpu)
 
 
 def test_launcher_token_auth_install_and_storage() -> None:
