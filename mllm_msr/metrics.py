@@ -257,6 +257,14 @@ def paired_bootstrap_diff(
     if not np.array_equal(users_a, users_b):
         raise ValueError("paired bootstrap needs the same evaluable users in both tables")
     point_a, point_b = evaluate_scores(first, ks=ks), evaluate_scores(second, ks=ks)
+    return _paired_intervals(point_a, point_b, samples_a, samples_b, alpha)
+
+
+def _paired_intervals(
+    point_a: dict, point_b: dict, samples_a: dict, samples_b: dict, alpha: float
+) -> dict[str, tuple[float, float, float]]:
+    """``{metric: (a - b, low, high)}``: the point difference and the percentile interval of
+    the replicate differences (both methods' replicates drawn on the same user resamples)."""
     lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
     out = {}
     for name in samples_a:
@@ -331,14 +339,10 @@ def bootstrap_methods(
         point_other = evaluate_scores(
             user_id=other_cols[0], label=other_cols[1], score=other_cols[2], ks=ks
         )
-        paired[other] = {}
-        for name in ref_draw[1]:
-            diff = ref_draw[1][name] - other_draw[1][name]
-            paired[other][name] = {
-                "diff": float(point_ref[name] - point_other[name]),
-                "lo": float(np.percentile(diff, lo_q)),
-                "hi": float(np.percentile(diff, hi_q)),
-            }
+        diffs = _paired_intervals(point_ref, point_other, ref_draw[1], other_draw[1], alpha)
+        paired[other] = {
+            name: {"diff": d, "lo": lo, "hi": hi} for name, (d, lo, hi) in diffs.items()
+        }
     return intervals, paired
 
 

@@ -478,8 +478,5 @@ def build_report(
 def write_report(run, metrics: Mapping, **kwargs) -> str:
     """Write :func:`build_report` to ``<run_dir>/report.html``; returns its URI."""
     text = build_report(run, metrics, **kwargs)
-    tmp = run.path(REPORT_FILE + ".tmp")
-    with run.fs.open_output_stream(tmp) as fh:
-        fh.write(text.encode())
-    run.fs.move(tmp, run.path(REPORT_FILE))
+    run.write_bytes_at(run.path(REPORT_FILE), text.encode())
     return run.uri_of(REPORT_FILE)

@@ -226,5 +226,4 @@ def _write_report(cfg: PipelineConfig, run: RunDir, metrics: dict, summary: dict
         log(f"[evaluate] warning: report.html not written: {type(exc).__name__}: {exc}")
     if "fine_tuned" in metrics["methods"]:
         card = model_card(cfg, run.stage_summary("train"), metrics)
-        with run.fs.open_output_stream(run.path("model_card.md")) as fh:
-            fh.write(card.encode())
+        run.write_bytes_at(run.path("model_card.md"), card.encode())

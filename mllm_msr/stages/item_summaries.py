@@ -336,19 +336,14 @@ def title_summaries(rows: Sequence[dict[str, Any]], cfg: ItemSummariesConfig) ->
 # --------------------------------------------------------------------------- output files
 
 
-def _write_atomic(run: RunDir, table_dir: str, name: str, table: pa.Table) -> None:
-    """Write ``<table_dir>/<name>.parquet`` atomically (:meth:`RunDir.write_parquet_at`)."""
-    run.write_table(table_dir, table, name)
-
-
 def write_batch(run: RunDir, name: str, result: BatchResult) -> None:
     """Persist one batch: quarantine rows first, then summaries (see :func:`reconcile`)."""
     if result.quarantine:
         table = pa.Table.from_pylist(result.quarantine, schema=schema.QUARANTINE)
-        _write_atomic(run, QUARANTINE, name, table)
+        run.write_table(QUARANTINE, table, name)
     if result.summaries:
         table = pa.Table.from_pylist(result.summaries, schema=schema.ITEM_SUMMARIES)
-        _write_atomic(run, OUTPUT, name, table)
+        run.write_table(OUTPUT, table, name)
 
 
 @dataclass
