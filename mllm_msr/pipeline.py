@@ -17,6 +17,7 @@ skipped, why it ran; the run's provenance, :mod:`mllm_msr.provenance`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import time
@@ -63,14 +64,13 @@ def plan(cfg: PipelineConfig, run: RunDir, force: list[str] | None = None) -> li
         if stage not in STAGES:
             raise ValueError(f"--force: unknown stage {stage!r}; known: {ORDER}")
         forced.update(downstream(stage))
-    fps: dict[str, str | None] = {}
-    for stage in ORDER:  # what every stage reads: the recorded fingerprint of its inputs
-        rec = run.stage_record(stage)
-        fps[stage] = rec.get("fingerprint") if rec else None
+    records = {stage: run.stage_record(stage) for stage in ORDER}  # read once
+    # what every stage reads: the recorded fingerprint of its inputs
+    fps = {stage: (rec or {}).get("fingerprint") for stage, rec in records.items()}
     steps = []
     for stage in [s for s in ORDER if s in cfg.stages]:
         fp = fingerprint(cfg, stage, fps)
-        record = run.stage_record(stage)
+        record = records[stage]
         reasons = explain(record, fp)
         damaged: list[tuple[str, str]] = []
         if not reasons and record is not None:
@@ -124,11 +124,9 @@ def run_stage(cfg: PipelineConfig, run: RunDir, step: Step, log=print) -> dict:
     watched = [*spec.outputs, *spec.scratch]
     limit = cfg.no_progress_timeout_s
 
-    def progress() -> tuple[int, int]:
-        """What moves while a stage works: its output and checkpoint files, and their sizes."""
-        return run.usage(watched)
-
     setting = "no_progress_timeout_s"
+    # What moves while a stage works: its output and checkpoint files, and their sizes.
+    progress = functools.partial(run.usage, watched)
     with no_progress_watchdog(step.stage, limit, progress, setting=setting):
         with ray_data_no_progress(step.stage, limit, setting=setting):
             summary = func(cfg, run, **kwargs) or {}
@@ -175,7 +173,7 @@ def run_pipeline(
         validate_models(dataclasses.replace(cfg, stages=running))
     t_all = time.perf_counter()
     with RunLease(run, log=log) as lease:
-        if any(s.run for s in steps):
+        if running:
             from mllm_msr.runtime import check_run_dir_shared, init_ray
 
             init_ray(
