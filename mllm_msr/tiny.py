@@ -112,6 +112,44 @@ renders as ``<image>\n`` before the text, the turn is wrapped in ``[INST] ... [/
 
 LLAVA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
 
+LLAMA3_CHAT_TEMPLATE = r"""
+{{- bos_token }}
+{%- for message in messages %}
+{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}
+{%- if message['content'] is string %}
+{{- message['content'] | trim }}
+{%- else %}
+{%- for part in message['content'] %}
+{%- if part['type'] == 'text' %}
+{{- part['text'] | trim }}
+{%- endif %}
+{%- endfor %}
+{%- endif %}
+{{- '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+""".strip()
+"""Llama-3-Instruct template (the paper's preference LLM, Llama-3-8B-Instruct): headers
+``<|start_header_id|>role<|end_header_id|>`` and turns ending in ``<|eot_id|>``, no default
+system message."""
+
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|finetune_right_pad_id|>",
+]
+
+QWEN25_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace(
+    "You are a helpful assistant.",
+    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+)
+"""Qwen2.5-Instruct's ChatML template: as Qwen2's, with Qwen2.5's default system message."""
+
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN_VL_SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS + [
     "<|vision_start|>",
@@ -227,7 +265,25 @@ TINY_SPECS: dict[str, TinySpec] = {
     "qwen2-vl": TinySpec(name="qwen2-vl", family="qwen2_vl"),
     "qwen2": TinySpec(name="qwen2", family="qwen2", seed=1),
     "llava": TinySpec(name="llava", family="llava", seed=2),
+    "qwen2.5-vl": TinySpec(
+        name="qwen2.5-vl",
+        family="qwen2_5_vl",
+        image_min_pixels=56 * 56,
+        image_max_pixels=12845056,  # Qwen2.5-VL-7B-Instruct's processor bounds
+        seed=3,
+    ),
+    "llava-next": TinySpec(name="llava-next", family="llava_next", image_size=336, seed=4),
+    "llama3": TinySpec(name="llama3", family="llama3", seed=5),
+    "qwen2.5": TinySpec(name="qwen2.5", family="qwen2", seed=6),
 }
+"""Tiny twins of every family a shipped config names: Qwen2-VL and Qwen2 (the demo), LLaVA
+(fixed 112 px), Qwen2.5-VL (window attention vision tower) and Qwen2.5 text
+(``configs/qwen2.5-vl.yaml``), LLaVA-NeXT with the real model's 336 px CLIP tiles and
+any-resolution grid pinpoints (``configs/paper-llava.yaml``, so image token counts equal the
+real model's) and a Llama-3-Instruct text model (the paper's preference LLM)."""
+
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+"""LLaVA-v1.6-Mistral-7B's ``image_grid_pinpoints`` (any-resolution tiling candidates)."""
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -298,8 +354,13 @@ def _save_random_qwen(model_cls, config, spec: TinySpec, ids: dict[str, int], ou
     model.save_pretrained(out)
 
 
-def _build_qwen2_vl(spec: TinySpec, out: Path) -> None:
+def _build_qwen2_vl(spec: TinySpec, out: Path, v25: bool = False) -> None:
+    """Qwen2-VL, or with ``v25`` Qwen2.5-VL (window-attention vision tower, RMSNorm + SwiGLU,
+    ``out_hidden_size``; same patch 14 x merge 2 image sizing and ChatML template)."""
     from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
         Qwen2VLImageProcessor,
@@ -313,7 +374,26 @@ def _build_qwen2_vl(spec: TinySpec, out: Path) -> None:
     # M-RoPE splits the rotary half-dimension into (temporal, height, width) sections.
     half = head_dim // 2
     mrope = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
-    config = Qwen2VLConfig(
+    vision = {
+        "depth": spec.vision_depth,
+        "num_heads": spec.vision_heads,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "initializer_range": spec.initializer_range,
+    }
+    if v25:
+        vision.update(
+            hidden_size=spec.vision_embed_dim,
+            out_hidden_size=spec.hidden_size,
+            intermediate_size=2 * spec.vision_embed_dim,
+            window_size=112,
+            fullatt_block_indexes=[spec.vision_depth - 1],
+        )
+    else:
+        vision.update(embed_dim=spec.vision_embed_dim, hidden_size=spec.hidden_size, mlp_ratio=2)
+    config_cls = Qwen2_5_VLConfig if v25 else Qwen2VLConfig
+    config = config_cls(
         text_config={
             "vocab_size": len(tok),
             "hidden_size": spec.hidden_size,
@@ -333,27 +413,19 @@ def _build_qwen2_vl(spec: TinySpec, out: Path) -> None:
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
         },
-        vision_config={
-            "depth": spec.vision_depth,
-            "embed_dim": spec.vision_embed_dim,
-            "hidden_size": spec.hidden_size,
-            "num_heads": spec.vision_heads,
-            "mlp_ratio": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "initializer_range": spec.initializer_range,
-        },
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    _save_random_qwen(Qwen2VLForConditionalGeneration, config, spec, ids, out)
+    model_cls = Qwen2_5_VLForConditionalGeneration if v25 else Qwen2VLForConditionalGeneration
+    _save_random_qwen(model_cls, config, spec, ids, out)
 
     size = {"shortest_edge": spec.image_min_pixels, "longest_edge": spec.image_max_pixels}
-    processor = Qwen2VLProcessor(
+    processor_cls = Qwen2_5_VLProcessor if v25 else Qwen2VLProcessor
+    processor = processor_cls(
         image_processor=Qwen2VLImageProcessor(size=size),
         video_processor=Qwen2VLVideoProcessor(size=size),
         tokenizer=tok,
@@ -363,10 +435,10 @@ def _build_qwen2_vl(spec: TinySpec, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def _build_qwen2(spec: TinySpec, out: Path) -> None:
+def _build_qwen2(spec: TinySpec, out: Path, chat_template: str = QWEN_CHAT_TEMPLATE) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tok = build_tokenizer(QWEN_SPECIAL_TOKENS, QWEN_CHAT_TEMPLATE)
+    tok = build_tokenizer(QWEN_SPECIAL_TOKENS, chat_template)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     config = Qwen2Config(
         vocab_size=len(tok),
@@ -387,7 +459,10 @@ def _build_qwen2(spec: TinySpec, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def _build_llava(spec: TinySpec, out: Path) -> None:
+def _build_llava(spec: TinySpec, out: Path, next_: bool = False) -> None:
+    """LLaVA (CLIP + Llama, fixed crop), or with ``next_`` LLaVA-NeXT as LLaVA-v1.6-Mistral:
+    CLIP tiles of ``spec.image_size`` px, any-resolution tiling over
+    :data:`LLAVA_NEXT_PINPOINTS`, a Mistral language model, the ``[INST]`` template."""
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import (
@@ -396,7 +471,12 @@ def _build_llava(spec: TinySpec, out: Path) -> None:
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
         LlavaProcessor,
+        MistralConfig,
     )
 
     tok = build_tokenizer(
@@ -407,7 +487,14 @@ def _build_llava(spec: TinySpec, out: Path) -> None:
         bos_token="<s>",
     )
     ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
-    config = LlavaConfig(
+    text_cls = MistralConfig if next_ else LlamaConfig
+    extra = {"sliding_window": None} if next_ else {}
+    config_cls = LlavaNextConfig if next_ else LlavaConfig
+    if next_:
+        extra_config = {"image_grid_pinpoints": LLAVA_NEXT_PINPOINTS, "vision_feature_layer": -2}
+    else:
+        extra_config = {"vision_feature_layer": -1}
+    config = config_cls(
         vision_config=CLIPVisionConfig(
             hidden_size=spec.vision_embed_dim,
             intermediate_size=2 * spec.vision_embed_dim,
@@ -418,7 +505,7 @@ def _build_llava(spec: TinySpec, out: Path) -> None:
             projection_dim=spec.vision_embed_dim,
             initializer_range=spec.initializer_range,
         ),
-        text_config=LlamaConfig(
+        text_config=text_cls(
             vocab_size=len(tok),
             hidden_size=spec.hidden_size,
             intermediate_size=spec.intermediate_size,
@@ -430,15 +517,17 @@ def _build_llava(spec: TinySpec, out: Path) -> None:
             bos_token_id=ids["<s>"],
             eos_token_id=ids["</s>"],
             pad_token_id=ids["<pad>"],
+            **extra,
         ),
         image_token_id=ids["<image>"],
-        vision_feature_layer=-1,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
+        **extra_config,
     )
-    config.architectures = ["LlavaForConditionalGeneration"]
+    model_cls = LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration
+    config.architectures = [model_cls.__name__]
     torch.manual_seed(spec.seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     _finish_generation_config(model, eos=[ids["</s>"]], pad=ids["<pad>"], bos=ids["<s>"])
     model.save_pretrained(out)
     # transformers 5 saves the CLIP tower as ``vision_tower.*``; vLLM (and hub checkpoints)
@@ -454,8 +543,19 @@ def _build_llava(spec: TinySpec, out: Path) -> None:
     save_file(dict(sorted(renamed.items())), weights, metadata={"format": "pt"})
 
     side = {"height": spec.image_size, "width": spec.image_size}
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": spec.image_size}, crop_size=side),
+    if next_:
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": spec.image_size},
+            crop_size=side,
+            image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        )
+    else:
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": spec.image_size}, crop_size=side
+        )
+    processor_cls = LlavaNextProcessor if next_ else LlavaProcessor
+    processor = processor_cls(
+        image_processor=image_processor,
         tokenizer=tok,
         chat_template=LLAVA_CHAT_TEMPLATE,
         patch_size=14,
@@ -474,7 +574,58 @@ def _finish_generation_config(model, eos: list[int], pad: int, bos: int) -> None
     gen.do_sample = False
 
 
-_BUILDERS = {"qwen2_vl": _build_qwen2_vl, "qwen2": _build_qwen2, "llava": _build_llava}
+def _build_llama3(spec: TinySpec, out: Path) -> None:
+    """A Llama text LLM with the Llama-3-Instruct template and special tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer(
+        LLAMA3_SPECIAL_TOKENS,
+        LLAMA3_CHAT_TEMPLATE,
+        eos_token="<|eot_id|>",
+        pad_token="<|finetune_right_pad_id|>",
+        bos_token="<|begin_of_text|>",
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in LLAMA3_SPECIAL_TOKENS}
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        initializer_range=spec.initializer_range,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        bos_token_id=ids["<|begin_of_text|>"],
+        eos_token_id=[ids["<|end_of_text|>"], ids["<|eot_id|>"]],
+        pad_token_id=ids["<|finetune_right_pad_id|>"],
+        tie_word_embeddings=False,
+    )
+    import torch
+
+    config.architectures = [LlamaForCausalLM.__name__]
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config).eval()
+    _finish_generation_config(
+        model,
+        eos=[ids["<|end_of_text|>"], ids["<|eot_id|>"]],
+        pad=ids["<|finetune_right_pad_id|>"],
+        bos=ids["<|begin_of_text|>"],
+    )
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+_BUILDERS: dict[str, Callable[[TinySpec, Path], None]] = {
+    "qwen2-vl": _build_qwen2_vl,
+    "qwen2": _build_qwen2,
+    "llava": _build_llava,
+    "qwen2.5-vl": lambda spec, out: _build_qwen2_vl(spec, out, v25=True),
+    "llava-next": lambda spec, out: _build_llava(spec, out, next_=True),
+    "llama3": _build_llama3,
+    "qwen2.5": lambda spec, out: _build_qwen2(spec, out, chat_template=QWEN25_CHAT_TEMPLATE),
+}
+"""Tiny model name -> builder (``builder(spec, out_dir)``)."""
 
 
 # --------------------------------------------------------------------------- cache
@@ -535,7 +686,7 @@ def _build_and_publish(name: str, spec: TinySpec, final: Path, force: bool) -> P
     try:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         with _BUILD_LOCK:
-            _BUILDERS[spec.family](spec, tmp)
+            _BUILDERS[name](spec, tmp)
         (tmp / STAMP_FILE).write_text(json.dumps(_stamp(spec), sort_keys=True) + "\n")
         _make_readable(tmp)
         publish_dir(

@@ -156,3 +156,89 @@ def test_llava_processor_places_image_tokens(cache):
     model = LlavaForConditionalGeneration.from_pretrained(path).eval()
     with torch.no_grad():
         assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_qwen2_5_vl_twin_counts_image_tokens_like_the_real_model(cache):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    path = cache / "tiny" / "qwen2.5-vl"
+    processor = AutoProcessor.from_pretrained(path)
+    chat = prompts.recommender_messages("likes red", "Red ball", image=None)
+    text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text.count(prompts.image_placeholder("qwen2_5_vl")) == 1
+    batch = processor(text=[text], images=[Image.new("RGB", (448, 448))], return_tensors="pt")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    # The real model's pixel bounds keep 448 px: 32x32 patches of 14 px, merged 2x2 -> 256.
+    assert int((batch["input_ids"] == image_id).sum()) == 256
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+
+
+@pytest.mark.parametrize(
+    ("size", "tokens"),
+    [
+        # 336x336: best pinpoint 336x672 (least padding), a 1x2 grid of 24x24-patch tiles =
+        # 24x48 features, unpadded to the square image's 24x24, + 24 row newlines = 600; plus
+        # the 24x24 = 576 base-image features.
+        ((336, 336), 576 + 24 * 24 + 24),
+        # 672 wide x 336 high: pinpoint (h 336, w 672) fits exactly, no unpadding: 24x48 + 24.
+        ((672, 336), 576 + 24 * 48 + 24),
+    ],
+)
+def test_llava_next_twin_tiles_any_resolution(cache, size, tokens):
+    from transformers import AutoProcessor
+
+    path = cache / "tiny" / "llava-next"
+    processor = AutoProcessor.from_pretrained(path)
+    chat = prompts.recommender_messages("likes red", "Red ball", image=None)
+    text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<s>[INST] <image>\nBased on") and text.endswith(" [/INST]")
+    batch = processor(text=[text], images=[Image.new("RGB", size)], return_tensors="pt")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert int((batch["input_ids"] == image_id).sum()) == tokens
+
+
+def test_text_twins_use_their_family_templates(cache):
+    from transformers import AutoTokenizer
+
+    chat = prompts.user_text("Answer.")
+    llama = AutoTokenizer.from_pretrained(cache / "tiny" / "llama3")
+    assert llama.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nAnswer.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    qwen = AutoTokenizer.from_pretrained(cache / "tiny" / "qwen2.5")
+    assert qwen.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+        "assistant.<|im_end|>\n<|im_start|>user\nAnswer.<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_vllm_loads_and_generates_with_every_twin(cache):
+    """Each twin of a shipped config's family starts in vLLM (CPU) through our adapter and
+    generates; multimodal twins count their image tokens in the prompt."""
+    from mllm_msr.config import EngineConfig, SamplingConfig
+    from mllm_msr.engines.vllm import VLLMEngine
+
+    image = Image.new("RGB", (336, 336), (200, 30, 30))
+    twins = {"qwen2.5-vl": "qwen2_5_vl", "llava-next": "llava_next", "llama3": "llama3"}
+    twins["qwen2.5"] = "qwen2"
+    for name, family in twins.items():
+        cfg = EngineConfig(model=f"tiny:{name}", family=family, dtype="float32", max_model_len=2048)
+        with VLLMEngine(cfg, cache_dir=cache) as engine:
+            multimodal = engine.family.multimodal
+            chat = (
+                prompts.item_summary_messages(image, "Red circle")
+                if multimodal
+                else prompts.user_text("Describe red circles.")
+            )
+            out = engine.generate([chat], SamplingConfig(max_new_tokens=4, temperature=0.0))[0]
+            assert out.output_tokens >= 1 and out.text, name
+            # image tokens: 24x24 patch features (qwen2.5-vl: 336 px / 14 = 24, merged 2x2 ->
+            # 144; llava-next: 1176 as above), the rest is template + text
+            assert out.prompt_tokens > {"qwen2.5-vl": 144, "llava-next": 1176}.get(name, 0), name
+            yes, no = engine.answer_token_ids()
+            assert yes != no
