@@ -25,6 +25,7 @@ the loading helpers).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,80 @@ def no_grid(image_processor: Any) -> int:
     return 1
 
 
+def _size_value(size: Any, key: str, default: int) -> int:
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value) if value else default
+
+
+def patch_merge_tokens(processor: Any, side: int) -> int:
+    """Qwen2-VL / Qwen2.5-VL: tokens of a ``side`` x ``side`` image.
+
+    The image processor resizes each side to a multiple of ``patch x merge`` (28) within its
+    pixel bounds (``size.shortest_edge`` / ``longest_edge`` are pixel counts), then every
+    ``merge x merge`` block of ``patch`` px patches is one token: ``(side / 28)^2``.
+    """
+    ip = getattr(processor, "image_processor", processor)
+    patch = getattr(ip, "patch_size", None) or 14
+    merge = getattr(ip, "merge_size", None) or 2
+    factor = patch * merge
+    size = getattr(ip, "size", None) or {}
+    min_pixels = _size_value(size, "shortest_edge", 56 * 56)
+    max_pixels = _size_value(size, "longest_edge", 28 * 28 * 1280)
+    h = max(factor, round(side / factor) * factor)
+    if h * h > max_pixels:
+        h = max(factor, math.floor(side / math.sqrt(side * side / max_pixels) / factor) * factor)
+    elif h * h < min_pixels:
+        h = math.ceil(side * math.sqrt(min_pixels / (side * side)) / factor) * factor
+    return (h // patch) ** 2 // (merge * merge)
+
+
+def _clip_grid(processor: Any) -> tuple[int, int, int]:
+    """(crop height, crop width, patch size) of a CLIP-tower processor (LLaVA, LLaVA-NeXT)."""
+    ip = processor.image_processor
+    crop = getattr(ip, "crop_size", None) or {}
+    patch = getattr(processor, "patch_size", None) or 14
+    return _size_value(crop, "height", 336), _size_value(crop, "width", 336), patch
+
+
+def _extra_tokens(processor: Any) -> int:
+    """The CLS feature is kept only with ``vision_feature_select_strategy: full``."""
+    full = getattr(processor, "vision_feature_select_strategy", "default") == "full"
+    return int(getattr(processor, "num_additional_image_tokens", 0) or 0) if full else 0
+
+
+def clip_tokens(processor: Any, side: int) -> int:
+    """LLaVA: CLIP crops every image to ``crop_size``: ``(crop / patch)^2`` tokens, any side."""
+    h, w, patch = _clip_grid(processor)
+    return (h // patch) * (w // patch) + _extra_tokens(processor)
+
+
+def anyres_tokens(processor: Any, side: int) -> int:
+    """LLaVA-NeXT: tokens of a ``side`` x ``side`` image under any-resolution tiling.
+
+    A base image (``(crop / patch)^2`` features) plus the tiles of the best grid pinpoint for
+    the image (most effective resolution, then least padding), whose features are cut back to
+    the image's aspect ratio ("unpadded") and get one newline token per feature row. For
+    LLaVA-v1.6 (336 px crops, patch 14), any square image costs 576 + 24 x 24 + 24 = 1176.
+    """
+    crop_h, crop_w, patch = _clip_grid(processor)
+    pinpoints = processor.image_processor.image_grid_pinpoints
+    best, best_eff, best_waste = None, 0, math.inf
+    for ph, pw in pinpoints:  # transformers' select_best_resolution, on a square image
+        scale = min(pw / side, ph / side)
+        eff = min(int(side * scale) * int(side * scale), side * side)
+        waste = ph * pw - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (ph, pw), eff, waste
+    rows, cols = best[0] // crop_h, best[1] // crop_w
+    cur_h, cur_w = rows * (crop_h // patch), cols * (crop_w // patch)
+    if 1 > cur_w / cur_h:  # a square image is wider than the grid: cut rows
+        cur_h -= 2 * ((cur_h - int(round(side * (cur_w / side), 7))) // 2)
+    else:
+        cur_w -= 2 * ((cur_w - int(round(side * (cur_h / side), 7))) // 2)
+    base = (crop_h // patch) * (crop_w // patch) + _extra_tokens(processor)
+    return base + cur_h * cur_w + cur_h
+
+
 @dataclass(frozen=True)
 class Family:
     """What differs between model families (prompt side, engine side, training side)."""
@@ -71,6 +146,12 @@ class Family:
     """``config.json`` ``model_type`` values of this family's checkpoints."""
     image_grid: Callable[[Any], int] | None = None
     """``image_processor -> n``: the recommender's square image side is a multiple of ``n``."""
+    image_tokens: Callable[[Any, int], int] | None = None
+    """``(processor, side) -> n``: prompt tokens of one ``side`` x ``side`` image (the
+    recommender's images are square); None: text-only."""
+    fixed_image_tokens: bool = False
+    """The image token count does not shrink with ``train.image_size`` (the processor resizes
+    to its own crop size): only ``train.max_length`` can make room for an image."""
     vision_modules: tuple[str, ...] = ()
     """Module-name components of the vision tower and multimodal projector."""
     answers: tuple[str, str] = ANSWERS
@@ -92,6 +173,7 @@ _QWEN_VL = dict(
     image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
     processor_kwargs=_qwen_vl_processor_kwargs,
     image_grid=patch_merge_grid,
+    image_tokens=patch_merge_tokens,
     vision_modules=("visual",),
     quirks=(
         "ChatML template; without a system message it inserts 'You are a helpful assistant.'",
@@ -102,6 +184,7 @@ _LLAVA = dict(
     multimodal=True,
     image_placeholder="<image>",
     image_grid=no_grid,
+    fixed_image_tokens=True,
     vision_modules=("vision_tower", "multi_modal_projector"),
 )
 _CHATML = ("ChatML template (<|im_start|> / <|im_end|>)",)
@@ -114,15 +197,17 @@ FAMILIES: dict[str, Family] = {
         Family(
             "llava",
             model_types=("llava",),
+            image_tokens=clip_tokens,
             quirks=("CLIP crops images to its crop_size: a fixed number of image tokens",),
             **_LLAVA,
         ),
         Family(
             "llava_next",
             model_types=("llava_next",),
+            image_tokens=anyres_tokens,
             quirks=(
-                "any-resolution tiling: image tokens depend on the image size and the grid "
-                "pinpoints (not fitted to train.max_length yet)",
+                "any-resolution tiling: a base image plus tiles of the best grid pinpoint; "
+                "LLaVA-v1.6 spends 1176 tokens on any square image (train.max_length >= ~1300)",
                 "LLaVA-v1.6-Mistral: [INST] template, no system role; SentencePiece answers "
                 "('▁Yes')",
             ),
@@ -195,6 +280,7 @@ def for_config(config: Any, name: str | None = None, setting: str = "family") ->
         str(model_type),
         multimodal,
         image_grid=patch_merge_grid if multimodal else None,
+        image_tokens=patch_merge_tokens if multimodal else None,
         vision_modules=ALL_VISION_MODULES if multimodal else (),
     )
 

@@ -25,6 +25,7 @@ def test_registry_entries_are_consistent():
         if fam.multimodal:
             assert fam.auto_class == families.IMAGE_TEXT and fam.processor == "processor"
             assert fam.image_placeholder and fam.image_grid and fam.vision_modules
+            assert fam.image_tokens is not None
         else:
             assert fam.auto_class == families.CAUSAL_LM and fam.processor == "tokenizer"
             assert fam.image_placeholder is None and not fam.vision_modules
@@ -133,3 +134,95 @@ def test_config_check_refuses_a_local_model_of_another_family(tmp_path):
         check_model("train.model", str(folder), "llava")
     (folder / "config.json").write_text("{}")  # no model_type: nothing to compare
     check_model("train.model", str(folder), "llava")
+
+
+IMAGE_TOKENS = {
+    # Qwen-VL: sides rounded to 28 (patch 14 x merge 2), one token per 28x28 block, within
+    # the processor's pixel bounds (the qwen2-vl twin: <= 224*224 px, so <= 64 tokens).
+    "qwen2-vl": {56: 4, 100: 16, 224: 64, 448: 64},
+    "qwen2.5-vl": {56: 4, 100: 16, 224: 64, 448: 256, 672: 576},  # real bounds: 448 -> 16^2
+    # LLaVA: CLIP crops to 112 px: (112 / 14)^2 = 64 at any size.
+    "llava": {56: 64, 224: 64, 448: 64},
+    # LLaVA-NeXT (336 px tiles): base 24^2 = 576; <= 336 px -> a 1x2 grid unpadded to 24x24
+    # + 24 newlines; > 336 px -> the 2x2 grid (672x672), 48x48 + 48 newlines.
+    "llava-next": {56: 576 + 576 + 24, 336: 576 + 576 + 24, 448: 576 + 48 * 48 + 48},
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_TOKENS))
+def test_image_token_rule_per_family_matches_the_processor(name):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    path = resolve_model(f"tiny:{name}")
+    processor = AutoProcessor.from_pretrained(path)
+    fam = families.resolve(path)
+    image_id = processor.tokenizer.convert_tokens_to_ids(
+        "<|image_pad|>" if "qwen" in name else "<image>"
+    )
+    text = processor.apply_chat_template(
+        prompts.recommender_messages("likes red", "Red ball", image=None),
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    for side, tokens in IMAGE_TOKENS[name].items():
+        assert fam.image_tokens(processor, side) == tokens, side
+        batch = processor(text=[text], images=[Image.new("RGB", (side, side))], return_tensors="pt")
+        assert int((batch["input_ids"] == image_id).sum()) == tokens, side
+
+
+def _sample(label=1, words=400):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(buf, "PNG")
+    text = " ".join(["red circles and blue stripes"] * (words // 5))
+    return {
+        "preference": text,
+        "title": "Red ball",
+        "summary": text,
+        "image": buf.getvalue(),
+        "label": label,
+    }
+
+
+def test_llava_next_image_that_cannot_fit_max_length_fails_early_naming_it():
+    from mllm_msr.stages.collate import RecommenderCollator
+
+    path = resolve_model("tiny:llava-next")
+    fam = families.resolve(path)
+    processor = families.load_processor(path, fam)
+    # The paper's max_length 512 cannot hold LLaVA-v1.6's 1176 image tokens, at any image_size.
+    with pytest.raises(ValueError, match=r"train\.max_length=512 .*1176 tokens") as err:
+        RecommenderCollator(processor, 512, 336, family=fam)
+    assert "lower train.image_size" not in str(err.value)  # it would not help
+    assert "train.multimodal: false" in str(err.value)
+    # With room: the text is shortened, every image token and the answer are kept.
+    collator = RecommenderCollator(processor, 1400, 336, family=fam)
+    assert collator.image_tokens == 1176 and collator.min_tokens <= 1400
+    for label in (0, 1):
+        enc = collator.encode(_sample(label))
+        ids = enc["input_ids"][0]
+        assert len(ids) <= 1400 and collator.shortened == label + 1
+        assert int((ids == processor.tokenizer.convert_tokens_to_ids("<image>")).sum()) == 1176
+        answer = collator.answer_ids(label)
+        assert ids[-len(answer) :].tolist() == answer
+        assert enc["labels"][0][-len(answer) :].tolist() == answer
+
+
+def test_qwen_vl_image_that_cannot_fit_names_image_size_too():
+    from mllm_msr.stages.collate import RecommenderCollator
+
+    path = resolve_model("tiny:qwen2.5-vl")
+    fam = families.resolve(path)
+    processor = families.load_processor(path, fam)
+    with pytest.raises(ValueError, match=r"max_length=200 .*image_size=448 px costs 256") as err:
+        RecommenderCollator(processor, 200, 448, family=fam)
+    assert "lower train.image_size" in str(err.value)
+    collator = RecommenderCollator(processor, 200, 112, family=fam)  # (112 / 28)^2 = 16 tokens
+    assert collator.image_tokens == 16
+    enc = collator.encode(_sample(1))
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert enc["input_ids"].shape[1] <= 200 and int((enc["input_ids"] == image_id).sum()) == 16

@@ -5,11 +5,13 @@ The answer ids are appended after the prompt's generation header, so the supervi
 exactly the one the scorer reads (the first answer token's logits after the prompt), and
 ``labels`` are ``-100`` everywhere but on the answer tokens.
 
-Images are resized to a fixed square (``TrainConfig.image_size``, rounded to the processor's
-patch grid), so every image costs the same number of tokens. When a sample is longer than
+Images are resized to a fixed square (``TrainConfig.image_size``, rounded to the family's image
+grid), so every image costs the same number of tokens (the family's
+:attr:`~mllm_msr.families.Family.image_tokens` rule). When a sample is longer than
 ``max_length``, the preference text is shortened (then the item summary, if the preference alone
 is not enough); image tokens and the answer are never cut. :attr:`RecommenderCollator.shortened`
-counts the shortened samples.
+counts the shortened samples. A ``max_length`` that cannot hold the template, one image and the
+answer fails when the collator is built (before any model is loaded), naming the settings.
 """
 
 from __future__ import annotations
@@ -75,6 +77,45 @@ class RecommenderCollator:
         self.shortened = 0
         """Samples whose text was shortened to fit ``max_length`` (since construction)."""
         self.encoded = 0
+        self.family = family
+        self.image_tokens = 0
+        """Prompt tokens of one image (the family's rule at :attr:`side`; 0 without images)."""
+        if self.with_image:
+            rule = (family.image_tokens if family is not None else None) or (
+                families.patch_merge_tokens
+            )
+            self.image_tokens = rule(processor, self.side)
+        self.min_tokens = self._check_fits()
+        """Tokens of a sample with empty text fields (template + image + longest answer)."""
+
+    def _check_fits(self) -> int:
+        """Tokens of an empty sample (template, one image, the longer answer); raises when that
+        exceeds ``max_length``, naming the settings that make room."""
+        blank = Image.new("RGB", (self.side, self.side)) if self.with_image else None
+        enc = self._encode_prompt({"preference": "", "title": "", "summary": ""}, blank)
+        answer = max(len(self.answer_ids(label)) for label in (0, 1))
+        need = int(enc["input_ids"].shape[1]) + answer
+        if need <= self.max_length:
+            return need
+        name = self.family.name if self.family is not None else "this model"
+        fixes = [f"raise train.max_length to at least {need} (plus room for the text)"]
+        if self.with_image:
+            fixed = self.family is not None and self.family.fixed_image_tokens
+            if not fixed:
+                fixes.append("lower train.image_size")
+            fixes.append("or set train.multimodal: false (text-only prompts)")
+            what = (
+                f"one image of train.image_size={self.side} px costs {self.image_tokens} tokens "
+                f"in family {name}"
+                + (" whatever the image size (the processor resizes to its own)" if fixed else "")
+                + f"; with the template and the answer a sample needs {need}"
+            )
+        else:
+            what = f"the template and the answer alone need {need} tokens"
+        raise ValueError(
+            f"train.max_length={self.max_length} cannot hold a recommender sample: {what}. "
+            f"To fix: {'; '.join(fixes)}."
+        )
 
     # ----------------------------------------------------------------- one sample
     def answer_ids(self, label: int) -> list[int]:

@@ -429,6 +429,10 @@ def train_loop(config: dict) -> dict | None:
     model_path = resolve_model(train.model, config["cache_dir"])
     fam = families.resolve(model_path, train.family, "train.family")
     processor = families.load_processor(model_path, fam)
+    # Built before the model: a max_length that cannot hold an image fails here, naming it.
+    collator = RecommenderCollator(
+        processor, train.max_length, train.image_size, train.multimodal, family=fam
+    )
     model = lora.apply_lora(_load_model(model_path, ds.use_bf16(train), fam), train.lora, fam)
     torch.manual_seed(train.seed + rank)  # dropout differs per rank
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -460,9 +464,6 @@ def train_loop(config: dict) -> dict | None:
         state["resumed_from"].append(state["step"])
     state["attempts"] += 1
 
-    collator = RecommenderCollator(
-        processor, train.max_length, train.image_size, train.multimodal, family=fam
-    )
     total_steps, per_epoch = config["total_steps"], config["steps_per_epoch"]
     fail = config.get("fail_once")
     device = engine.device
