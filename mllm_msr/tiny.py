@@ -270,17 +270,27 @@ TINY_SPECS: dict[str, TinySpec] = {
         family="qwen2_5_vl",
         image_min_pixels=56 * 56,
         image_max_pixels=12845056,  # Qwen2.5-VL-7B-Instruct's processor bounds
+        max_position_embeddings=128000,
         seed=3,
     ),
-    "llava-next": TinySpec(name="llava-next", family="llava_next", image_size=336, seed=4),
-    "llama3": TinySpec(name="llama3", family="llama3", seed=5),
-    "qwen2.5": TinySpec(name="qwen2.5", family="qwen2", seed=6),
+    "llava-next": TinySpec(
+        name="llava-next",
+        family="llava_next",
+        image_size=336,
+        max_position_embeddings=32768,
+        seed=4,
+    ),
+    "llama3": TinySpec(name="llama3", family="llama3", max_position_embeddings=8192, seed=5),
+    "qwen2.5": TinySpec(name="qwen2.5", family="qwen2", max_position_embeddings=32768, seed=6),
+    "smollm2": TinySpec(name="smollm2", family="smollm2", max_position_embeddings=8192, seed=7),
 }
 """Tiny twins of every family a shipped config names: Qwen2-VL and Qwen2 (the demo), LLaVA
 (fixed 112 px), Qwen2.5-VL (window attention vision tower) and Qwen2.5 text
 (``configs/qwen2.5-vl.yaml``), LLaVA-NeXT with the real model's 336 px CLIP tiles and
 any-resolution grid pinpoints (``configs/paper-llava.yaml``, so image token counts equal the
-real model's) and a Llama-3-Instruct text model (the paper's preference LLM)."""
+real model's), a Llama-3-Instruct text model (the paper's preference LLM) and a SmolLM2-style
+one (Llama with ChatML, the twin of ``pkg:smollm2``). Twins keep their real model's context
+length (``max_position_embeddings``), so a config's ``max_model_len`` is checked as on a GPU."""
 
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 """LLaVA-v1.6-Mistral-7B's ``image_grid_pinpoints`` (any-resolution tiling candidates)."""
@@ -574,18 +584,20 @@ def _finish_generation_config(model, eos: list[int], pad: int, bos: int) -> None
     gen.do_sample = False
 
 
-def _build_llama3(spec: TinySpec, out: Path) -> None:
-    """A Llama text LLM with the Llama-3-Instruct template and special tokens."""
+def _build_llama3(spec: TinySpec, out: Path, chatml: bool = False) -> None:
+    """A Llama text LLM with the Llama-3-Instruct template and special tokens, or with
+    ``chatml`` SmolLM2-Instruct's (Llama architecture, ChatML template)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = build_tokenizer(
-        LLAMA3_SPECIAL_TOKENS,
-        LLAMA3_CHAT_TEMPLATE,
-        eos_token="<|eot_id|>",
-        pad_token="<|finetune_right_pad_id|>",
-        bos_token="<|begin_of_text|>",
-    )
-    ids = {t: tok.convert_tokens_to_ids(t) for t in LLAMA3_SPECIAL_TOKENS}
+    if chatml:
+        special, eos, pad, bos = QWEN_SPECIAL_TOKENS, "<|im_end|>", "<|endoftext|>", "<|im_start|>"
+        tok = build_tokenizer(special, QWEN_CHAT_TEMPLATE, eos, pad, bos)
+    else:
+        special, eos, pad = LLAMA3_SPECIAL_TOKENS, "<|eot_id|>", "<|finetune_right_pad_id|>"
+        bos = "<|begin_of_text|>"
+        tok = build_tokenizer(special, LLAMA3_CHAT_TEMPLATE, eos, pad, bos)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in special}
+    last = "<|endoftext|>" if chatml else "<|end_of_text|>"
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=spec.hidden_size,
@@ -596,9 +608,9 @@ def _build_llama3(spec: TinySpec, out: Path) -> None:
         max_position_embeddings=spec.max_position_embeddings,
         initializer_range=spec.initializer_range,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-        bos_token_id=ids["<|begin_of_text|>"],
-        eos_token_id=[ids["<|end_of_text|>"], ids["<|eot_id|>"]],
-        pad_token_id=ids["<|finetune_right_pad_id|>"],
+        bos_token_id=ids[bos],
+        eos_token_id=[ids[last], ids[eos]],
+        pad_token_id=ids[pad],
         tie_word_embeddings=False,
     )
     import torch
@@ -606,12 +618,7 @@ def _build_llama3(spec: TinySpec, out: Path) -> None:
     config.architectures = [LlamaForCausalLM.__name__]
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config).eval()
-    _finish_generation_config(
-        model,
-        eos=[ids["<|end_of_text|>"], ids["<|eot_id|>"]],
-        pad=ids["<|finetune_right_pad_id|>"],
-        bos=ids["<|begin_of_text|>"],
-    )
+    _finish_generation_config(model, eos=[ids[last], ids[eos]], pad=ids[pad], bos=ids[bos])
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
@@ -624,6 +631,7 @@ _BUILDERS: dict[str, Callable[[TinySpec, Path], None]] = {
     "llava-next": lambda spec, out: _build_llava(spec, out, next_=True),
     "llama3": _build_llama3,
     "qwen2.5": lambda spec, out: _build_qwen2(spec, out, chat_template=QWEN25_CHAT_TEMPLATE),
+    "smollm2": lambda spec, out: _build_llama3(spec, out, chatml=True),
 }
 """Tiny model name -> builder (``builder(spec, out_dir)``)."""
 
@@ -738,6 +746,32 @@ def resolve_model(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
     if is_packaged_spec(spec):  # pkg:<name>: a real model shipped inside a PyPI package
         return resolve_packaged(spec, cache_dir)
     return spec
+
+
+TWINS: dict[str, str] = {
+    "llava-hf/llava-v1.6-mistral-7b-hf": "tiny:llava-next",
+    "meta-llama/Meta-Llama-3-8B-Instruct": "tiny:llama3",
+    "Qwen/Qwen2.5-VL-7B-Instruct": "tiny:qwen2.5-vl",
+    "Qwen/Qwen2.5-7B-Instruct": "tiny:qwen2.5",
+    "pkg:smollm2": "tiny:smollm2",
+}
+"""Every model a shipped config (``configs/*.yaml``) names -> its tiny twin (same family, same
+processor settings, random weights): the one override map of the per-config CPU tests."""
+
+
+def twin_overrides(cfg) -> list[str]:
+    """Dotted overrides that swap each model ``cfg`` uses for its tiny twin (:data:`TWINS`);
+    ``tiny:`` models stay. Raises for a model with no twin, naming its config key."""
+    from mllm_msr.config import models_in_use
+
+    out = []
+    for key, model, _family in models_in_use(cfg):
+        if model.startswith(TINY_PREFIX):
+            continue
+        if model not in TWINS:
+            raise KeyError(f"{key}: {model!r} has no tiny twin; add one to mllm_msr.tiny.TWINS")
+        out.append(f"{key}={TWINS[model]}")
+    return out
 
 
 def tiny_family(spec: str) -> str | None:

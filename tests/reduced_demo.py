@@ -33,3 +33,41 @@ def check_counts_add_up(run):
     finals = [u for u, f in zip(prefs["user_id"].to_pylist(), prefs["is_final"].to_pylist()) if f]
     assert sorted(finals) == sorted(sequences["user_id"].to_pylist())
     return sequences
+
+
+def on_cpu(cfg) -> list[str]:
+    """Overrides that run a GPU config on this CPU machine at the reduced demo's scale: the
+    demo catalog instead of the config's dataset, 2 Ray CPUs, CPU workers and actor pools, eager
+    vLLM, few steps and tokens. Model sizes come from :func:`mllm_msr.tiny.twin_overrides`;
+    processor settings (image sizes, max lengths, any-res grids), precision, ZeRO stage and
+    LoRA settings stay the config's."""
+    out = [
+        "ingest.format=demo",
+        "ingest.demo_users=48",
+        "ingest.demo_items=40",
+        "ingest.require_images=false",
+        "ingest.num_shards=1",
+        "ray.num_cpus=2",
+        "train.use_gpu=false",
+        "train.num_workers=2",
+        "train.cpus_per_worker=1",
+        "train.micro_batch_size=2",
+        "train.grad_accum_steps=1",
+        "train.max_steps=2",
+        "train.checkpoint_every=2",
+        "train.eval_samples=4",
+        "evaluate.max_users=4",
+        "evaluate.baselines=[popularity,zero_shot]",
+        "prepare.max_users={}",
+    ]
+    for stage in ("item_summaries", "user_preferences"):
+        out += [
+            f"{stage}.engine.enforce_eager=true",
+            f"{stage}.engine.max_num_seqs=64",
+            f"{stage}.sampling.max_new_tokens=4",
+            f"{stage}.pool.num_gpus=0",
+            f"{stage}.pool.num_cpus=1",
+            f"{stage}.pool.concurrency=1",
+        ]
+    out += ["evaluate.pool.num_gpus=0", "evaluate.pool.num_cpus=1", "evaluate.pool.concurrency=1"]
+    return out
