@@ -12,6 +12,11 @@ Runs on a CUDA machine with torch, transformers, peft and deepspeed importable:
 3. Scores 21-candidate groups with :class:`~mllm_msr.stages.score.YesNoScorer` in fp32 and bf16:
    rows/s and how many groups are fully tied (DESIGN.md: bf16 collapses scores into ties).
 
+With ``--families`` (e.g. ``--families all``), for each tiny twin of a shipped config's family
+(:data:`FAMILY_RUNS`, at that config's ``image_size`` and ``max_length``) it trains ZeRO-2 bf16
+and scores fp32, reporting per family the prompt length in tokens of a typical training sample,
+the median step time, peak memory and score rows/s. Never imports Ray or vLLM (checked).
+
 Prints one JSON document and writes it to ``--out``. Figures are for a tiny random model: they
 check the code paths and give a throughput order of magnitude, not model-size figures.
 """
@@ -61,10 +66,31 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def train_check(stage: int, model_path: str, rows: list[dict], steps: int) -> dict:
-    import torch
-    from transformers import AutoProcessor
+FAMILY_RUNS: dict[str, dict] = {
+    # twin: the config whose settings it runs with (image_size, max_length, multimodal)
+    "qwen2-vl": {"config": "demo-cpu.yaml", "image_size": 224, "max_length": 512},
+    "qwen2.5-vl": {"config": "qwen2.5-vl.yaml", "image_size": 448, "max_length": 1024},
+    "llava": {"config": "(none: LLaVA-1.5 family)", "image_size": 112, "max_length": 512},
+    "llava-next": {"config": "paper-llava.yaml", "image_size": 336, "max_length": 2048},
+    "qwen2.5": {"config": "(text recommender)", "multimodal": False, "max_length": 512},
+    "llama3": {"config": "(text recommender)", "multimodal": False, "max_length": 512},
+    "smollm2": {"config": "microlens-50k-smollm2.yaml", "multimodal": False, "max_length": 512},
+}
+"""Tiny twin -> the recommender settings of the shipped config it stands for."""
 
+
+def train_check(
+    stage: int,
+    model_path: str,
+    rows: list[dict],
+    steps: int,
+    image_size: int = 56,
+    max_length: int = 512,
+    multimodal: bool = True,
+) -> dict:
+    import torch
+
+    from mllm_msr import families
     from mllm_msr.config import LoraConfig, TrainConfig, ZeroConfig
     from mllm_msr.engines import deepspeed as ds
     from mllm_msr.engines import peft as lora
@@ -81,16 +107,21 @@ def train_check(stage: int, model_path: str, rows: list[dict], steps: int) -> di
         learning_rate=2e-3,
         micro_batch_size=8,
         grad_accum_steps=1,
-        image_size=56,
-        max_length=512,
+        image_size=image_size,
+        max_length=max_length,
+        multimodal=multimodal,
     )
     torch.manual_seed(0)
-    base = load_recommender(model_path, None, "bf16")
-    model = lora.apply_lora(base, cfg.lora)
+    fam = families.resolve(model_path)
+    collator = RecommenderCollator(
+        families.load_processor(model_path, fam), max_length, image_size, multimodal, family=fam
+    )
+    base = load_recommender(model_path, None, "bf16", fam)
+    model = lora.apply_lora(base, cfg.lora, fam)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapter0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     engine = ds.initialize(model, cfg, world_size=1)
-    collator = RecommenderCollator(AutoProcessor.from_pretrained(model_path), 512, 56, True)
+    prompt_tokens = [int(collator.encode(r)["input_ids"].shape[1]) for r in rows[:16]]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
@@ -111,11 +142,16 @@ def train_check(stage: int, model_path: str, rows: list[dict], steps: int) -> di
         base_fixed = all(torch.equal(params[n].detach().cpu(), v.cpu()) for n, v in frozen.items())
         moved = sum(not torch.equal(params[n].detach().cpu(), v.cpu()) for n, v in adapter0.items())
     return {
+        "family": fam.name,
         "zero_stage": stage,
+        "image_size": image_size if multimodal else None,
+        "max_length": max_length,
+        "image_tokens": collator.image_tokens,
+        "prompt_tokens_median": int(statistics.median(prompt_tokens)),
         "steps": steps,
         "loss_first5": round(statistics.mean(losses[:5]), 4),
         "loss_last5": round(statistics.mean(losses[-5:]), 4),
-        "median_step_s": round(statistics.median(times[2:]), 4),
+        "median_step_s": round(statistics.median(times[2:] or times), 4),
         "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if torch.cuda.is_available()
         else None,
@@ -124,13 +160,24 @@ def train_check(stage: int, model_path: str, rows: list[dict], steps: int) -> di
     }
 
 
-def score_check(model_path: str, rows: list[dict], precision: str) -> dict:
+def score_check(
+    model_path: str,
+    rows: list[dict],
+    precision: str,
+    image_size: int = 56,
+    max_length: int = 512,
+    multimodal: bool = True,
+    family: str | None = None,
+) -> dict:
     import numpy as np
 
     from mllm_msr.config import TrainConfig
     from mllm_msr.stages.score import YesNoScorer
 
-    scorer = YesNoScorer(model_path, None, TrainConfig(image_size=56), precision, micro_batch=32)
+    train = TrainConfig(
+        image_size=image_size, max_length=max_length, multimodal=multimodal, family=family
+    )
+    scorer = YesNoScorer(model_path, None, train, precision, micro_batch=32)
     scorer.score_rows(rows[:32])  # warm-up
     _sync()
     t0 = time.perf_counter()
@@ -147,12 +194,45 @@ def score_check(model_path: str, rows: list[dict], precision: str) -> dict:
     }
 
 
+def family_check(name: str, rows: list[dict], steps: int, score_rows: int) -> dict:
+    """Train (ZeRO-2 bf16) and score (fp32) the twin ``name`` with its config's settings."""
+    from mllm_msr import families
+    from mllm_msr.tiny import TINY_SPECS, resolve_model
+
+    if name not in FAMILY_RUNS:
+        raise SystemExit(f"--families: unknown {name!r}; known: {sorted(FAMILY_RUNS)}")
+    run = FAMILY_RUNS[name]
+    settings = {
+        "image_size": run.get("image_size", 56),
+        "max_length": run["max_length"],
+        "multimodal": run.get("multimodal", True),
+    }
+    path = resolve_model(f"tiny:{name}")
+    out: dict = {"config": run["config"], "family": TINY_SPECS[name].family}
+    try:
+        out["train"] = train_check(2, path, rows, steps, **settings)
+    except Exception as exc:  # report and go on: one failure must not hide the rest
+        out["train"] = {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        fam = families.resolve(path).name
+        out["score"] = score_check(path, make_rows(score_rows, 1), "fp32", family=fam, **settings)
+    except Exception as exc:
+        out["score"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--score-rows", type=int, default=21 * 48)
     p.add_argument("--out", default="gpu_check.json")
     p.add_argument("--allow-cpu", action="store_true", help="dry-run on CPU (gloo)")
+    p.add_argument(
+        "--families",
+        nargs="+",
+        default=None,
+        help=f"twins to train (ZeRO-2 bf16) and score (fp32): 'all' or of {sorted(FAMILY_RUNS)}",
+    )
     args = p.parse_args()
     os.environ.setdefault("MLLM_MSR_CACHE", "/tmp/mllm_msr_cache")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -176,6 +256,16 @@ def main() -> None:
         "torch": torch.__version__,
     }
     rows = make_rows(512)
+    if args.families:
+        names = sorted(FAMILY_RUNS) if args.families == ["all"] else args.families
+        report["families"] = {
+            name: family_check(name, rows, args.steps, args.score_rows) for name in names
+        }
+        report["imported_ray_or_vllm"] = sorted({"ray", "vllm"} & set(sys.modules))
+        text = json.dumps(report, indent=2)
+        print(text)
+        Path(args.out).write_text(text)
+        return
     for stage in (2, 3):
         try:
             report[f"train_zero{stage}"] = train_check(stage, model_path, rows, args.steps)
