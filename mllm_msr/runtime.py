@@ -300,6 +300,25 @@ def cpu_only_env() -> dict[str, str]:
     }
 
 
+def process_env(cache_dir: str | os.PathLike, gpu: bool) -> dict[str, str]:
+    """Defaults of one engine or train process on a node: the caches under ``cache_dir`` (tiny
+    models, DeepSpeed's compiled ops, vLLM's cache and config roots), vLLM telemetry off, and
+    only where the node has no GPU (``gpu`` false) the CPU-only settings (:func:`cpu_only_env`).
+    The hub mode is not here: it is the config's ``hf_hub_offline`` (:func:`worker_env`)."""
+    cache = Path(cache_dir).absolute()
+    env = {
+        "MLLM_MSR_CACHE": str(cache),
+        "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "VLLM_CONFIG_ROOT": str(cache / "vllm" / "config"),
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_DO_NOT_TRACK": "1",
+    }
+    if not gpu:
+        env.update(cpu_only_env())
+    return env
+
+
 def hub_env(offline: bool = True) -> dict[str, str]:
     """The Hugging Face hub mode: ``PipelineConfig.hf_hub_offline`` (offline for the demo and
     tests: nothing is downloaded at run time)."""

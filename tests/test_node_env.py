@@ -74,3 +74,21 @@ def test_hf_hub_offline_is_a_config_choice():
         ],
     )
     validate_models(online)  # the nodes download it
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_one_process_environment_per_node_kind(clean_env, tmp_path, gpu):
+    from mllm_msr.engines import vllm
+    from mllm_msr.runtime import process_env
+
+    env = process_env(tmp_path, gpu)
+    assert env["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "torch_extensions")
+    assert env["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm")
+    assert bool(set(cpu_only_env()) & set(env)) is not gpu  # CPU-only settings: no GPU only
+    assert not {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"} & set(env)  # a config choice
+    for key in env:
+        clean_env.delenv(key, raising=False)
+    clean_env.setattr(vllm, "has_gpu", lambda: gpu)
+    applied = vllm.configure_environment(EngineConfig(model="tiny:qwen2-vl"), tmp_path)
+    assert "HF_HUB_OFFLINE" not in applied and "HF_HUB_OFFLINE" not in os.environ
+    assert {k for k in env if k.startswith("VLLM_")} <= set(applied)

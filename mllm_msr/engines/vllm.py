@@ -73,22 +73,18 @@ def has_gpu() -> bool:
 def configure_environment(config: EngineConfig, cache_dir: str | os.PathLike) -> dict[str, str]:
     """Set vLLM's environment for this process; returns the variables it set.
 
-    Variables the user already set are kept, except ``VLLM_CPU_KVCACHE_SPACE`` which follows the
-    config. Must run before the engine is created.
+    The defaults are :func:`mllm_msr.runtime.process_env` (caches, telemetry off, CPU-only
+    settings only without a GPU); the hub mode is the config's (``hf_hub_offline``, set on every
+    worker by :func:`mllm_msr.runtime.init_ray`). Variables the user already set are kept, except
+    ``VLLM_CPU_KVCACHE_SPACE`` which follows the config. Must run before the engine is created.
     """
-    cache = Path(cache_dir)
-    defaults = {
-        "HF_HUB_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1",
-        "VLLM_DO_NOT_TRACK": "1",
-        "VLLM_CACHE_ROOT": str(cache / "vllm"),
-        "VLLM_CONFIG_ROOT": str(cache / "vllm" / "config"),
-    }
-    forced: dict[str, str] = {}
-    if not has_gpu():  # this process's node: the CPU-only settings never reach a GPU worker
-        from mllm_msr.runtime import cpu_only_env
+    from mllm_msr.runtime import process_env
 
-        defaults.update(cpu_only_env())
+    gpu = has_gpu()  # this process's node: the CPU-only settings never reach a GPU worker
+    # vLLM's part of the node's process environment (the caches of other engines are theirs)
+    defaults = {k: v for k, v in process_env(cache_dir, gpu).items() if k.startswith("VLLM_")}
+    forced: dict[str, str] = {}
+    if not gpu:
         forced["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_space_gib)
     applied = {}
     for key, value in defaults.items():
