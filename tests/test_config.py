@@ -27,7 +27,10 @@ def test_shipped_config_loads_and_round_trips(path):
 def test_paper_config_has_paper_hyperparameters():
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper-llava.yaml")
     t = cfg.train
-    assert (t.lora.r, t.learning_rate, t.max_length) == (8, 2e-5, 512)
+    assert (t.lora.r, t.learning_rate) == (8, 2e-5)
+    # The paper's max_length 512 cannot hold one LLaVA-v1.6 image (1176 tokens, any size):
+    # the config deviates so that training runs (tests/test_families.py checks the refusal).
+    assert t.max_length == 2048
     assert t.micro_batch_size * t.grad_accum_steps * t.num_workers == 8
     assert cfg.user_preferences.block_size == 3
     assert cfg.item_summaries.sampling.max_new_tokens == 200
