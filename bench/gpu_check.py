@@ -171,9 +171,11 @@ def score_check(
 ) -> dict:
     import numpy as np
 
+    from mllm_msr import families
     from mllm_msr.config import TrainConfig
     from mllm_msr.stages.score import YesNoScorer
 
+    family = family or families.resolve(model_path).name
     train = TrainConfig(
         image_size=image_size, max_length=max_length, multimodal=multimodal, family=family
     )
@@ -245,6 +247,12 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     if not cuda and not args.allow_cpu:
         raise SystemExit("no CUDA device (pass --allow-cpu to dry-run the script on CPU)")
+    from mllm_msr.runtime import cpu_only_env, hub_env, process_env
+
+    # The per-node settings a Ray worker on this node would get: CPU-only ones only without a GPU.
+    node_env = {**process_env(os.environ["MLLM_MSR_CACHE"], gpu=cuda), **hub_env(True)}
+    os.environ.update(node_env)
+    cpu_keys = sorted(set(cpu_only_env()) & set(os.environ))
     import deepspeed
 
     from mllm_msr.tiny import resolve_model
@@ -254,6 +262,8 @@ def main() -> None:
     report = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "torch": torch.__version__,
+        "node_env": node_env,
+        "cpu_only_settings_in_env": cpu_keys,
     }
     rows = make_rows(512)
     if args.families:
