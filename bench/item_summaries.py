@@ -104,8 +104,24 @@ WORKLOADS = {
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "microlens-50k"
 
 
-def make_title_items(n: int, data: Path) -> pa.Table:
-    """The first ``n`` MicroLens items with a non-empty title, text-only (no images)."""
+def kcore_items(data: Path, user_core: int = 6, item_core: int = 5) -> set[str]:
+    """Item ids of MicroLens-50k's (user, item) k-core (the paper's protocol: 11,896 items)."""
+    from mllm_msr.data.prepare import kcore
+
+    users, items = [], []
+    with open(Path(data) / "MicroLens-50k_pairs.tsv", encoding="utf-8") as fh:
+        for line in fh:
+            user, _, seq = line.rstrip("\n").partition("\t")
+            for item in seq.split():
+                users.append(user)
+                items.append(item)
+    mask = kcore(pa.array(users), pa.array(items), user_core, item_core).mask
+    return {item for item, keep in zip(items, mask) if keep}
+
+
+def make_title_items(n: int, data: Path, only: set[str] | None = None) -> pa.Table:
+    """The first ``n`` MicroLens items (all when ``n`` is 0) with a non-empty title, text-only
+    (no images); only the ids in ``only`` when given."""
     import pyarrow.csv as pacsv
 
     path = Path(data) / "MicroLens-50k_titles.csv"
@@ -115,7 +131,7 @@ def make_title_items(n: int, data: Path) -> pa.Table:
     rows = []
     for item, title in zip(table.column("item").to_pylist(), table.column("title").to_pylist()):
         title = (title or "").strip()
-        if title:
+        if title and (only is None or str(item) in only):
             rows.append(
                 {
                     "item_id": str(item),
@@ -126,7 +142,7 @@ def make_title_items(n: int, data: Path) -> pa.Table:
                     "image_hash": "",
                 }
             )
-        if len(rows) == n:
+        if n and len(rows) == n:
             break
     return pa.Table.from_pylist(rows, schema=schema.ITEMS)
 
@@ -338,15 +354,21 @@ def main(args: argparse.Namespace) -> dict:
     )
     for key, value in cpu_env_defaults().items():
         os.environ.setdefault(key, value)
-    n_other = args.interleave_batches * args.batch_size
-    n_all = args.items + n_other + 4
+    n_other = 0 if args.stage_only else args.interleave_batches * args.batch_size
+    n_extra = 0 if args.stage_only else n_other + 4  # interleaved check + warm-up items
     if args.workload == "smollm2-titles":
-        pool = make_title_items(n_all, Path(args.data))
+        only = kcore_items(Path(args.data)) if args.kcore else None
+        if args.items == 0:  # the whole catalog (of the k-core with --kcore)
+            args.items = make_title_items(0, Path(args.data), only).num_rows - n_extra
+        pool = make_title_items(args.items + n_extra, Path(args.data), only)
+    elif args.items == 0 or args.kcore:
+        raise SystemExit("--items 0 and --kcore need --workload smollm2-titles")
     else:
-        pool = make_items(n_all, args.image_side)
-    if pool.num_rows < n_all:
-        raise SystemExit(f"only {pool.num_rows} items available, {n_all} needed")
+        pool = make_items(args.items + n_extra, args.image_side)
+    if pool.num_rows < args.items + n_extra:
+        raise SystemExit(f"only {pool.num_rows} items available, {args.items + n_extra} needed")
     items = pool.slice(0, args.items)  # the stage's and the raw engine's items
+    report_kcore = bool(args.kcore)
     other = pool.slice(args.items, n_other)  # the interleaved comparison's
     warmup = item_chats(pool.slice(args.items + n_other, 4))
     chats = item_chats(items)
@@ -360,11 +382,14 @@ def main(args: argparse.Namespace) -> dict:
         "image_side": args.image_side if args.workload == "tiny-vlm" else None,
         "max_new_tokens": max_new_tokens,
         "batch_size": args.batch_size,
+        "kcore_items_only": report_kcore,
+        "stage_only": args.stage_only,
         "command": " ".join(sys.argv),
     }
-    report["vllm_raw"] = bench_vllm_raw(base_cfg, chats, warmup, other)
-    print(json.dumps({"vllm_raw": report["vllm_raw"]}), flush=True)
-    if not args.skip_hf:
+    if not args.stage_only:
+        report["vllm_raw"] = bench_vllm_raw(base_cfg, chats, warmup, other)
+        print(json.dumps({"vllm_raw": report["vllm_raw"]}), flush=True)
+    if not args.skip_hf and not args.stage_only:
         report["hf_baseline"] = bench_hf(
             base_cfg, chats[: args.hf_items], args.hf_batch, args.hf_dtype, args.repeat
         )
@@ -414,6 +439,8 @@ def main(args: argparse.Namespace) -> dict:
 
 def ratios_of(report: dict) -> dict:
     """The issue-17 ratios of one run (stage figures: active items/s)."""
+    if "vllm_raw" not in report:
+        return {}
     raw = report["vllm_raw"]
     one = next((r for r in report["stage"] if r["actors"] == 1), None)
     two = next((r for r in report["stage"] if r["actors"] == 2), None)
@@ -447,7 +474,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=os.environ.get("MLLM_MSR_CACHE", ".cache/mllm_msr"))
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="tiny-vlm")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="MicroLens-50k folder (titles)")
-    p.add_argument("--items", type=int, default=512, help="items of the stage and raw engine")
+    p.add_argument(
+        "--items", type=int, default=512, help="items of the stage and raw engine (0: all)"
+    )
+    p.add_argument(
+        "--kcore", action="store_true", help="only the (6,5)-core's items (smollm2-titles)"
+    )
+    p.add_argument(
+        "--stage-only",
+        action="store_true",
+        help="only the stage runs, on every item (the full-catalog run: no raw, HF, ratios)",
+    )
     p.add_argument(
         "--interleave-batches", type=int, default=4, help="batches of the interleaved check"
     )
