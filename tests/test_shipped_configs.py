@@ -45,7 +45,7 @@ def test_every_shipped_config_has_a_test_and_every_model_a_twin(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)  # 417 s measured here at load average ~25
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n not in COVERED_ELSEWHERE])
 def test_shipped_config_runs_on_its_twins(ray_local, tmp_path, name):
     original = load_config(ROOT / "configs" / name)
