@@ -195,7 +195,7 @@ def run_train(
         if fail_once_at_step is None
         else {"step": fail_once_at_step, "run": run.uri, "flag": "train/_injected_failure"},
     }
-    resources = {"CPU": train.cpus_per_worker}
+    resources = {"CPU": train.cpus_per_worker, **train.resources_per_worker}
     if train.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
@@ -258,6 +258,7 @@ def run_train(
         "val_loss": state.get("val_loss"),
         "shortened": state["shortened"],
         "attempts": state["attempts"],
+        "nodes": state.get("nodes"),
         "resumed_from_steps": state["resumed_from"],
         "step_seconds": state.get("step_seconds"),
         "startup_seconds": state.get("startup_seconds"),
@@ -416,6 +417,7 @@ def train_loop(config: dict) -> dict | None:
     os.environ.setdefault(
         "TORCH_EXTENSIONS_DIR", str(Path(config["cache_dir"]) / "torch_extensions")
     )
+    import ray
     import ray.train
 
     from mllm_msr.engines import deepspeed as ds
@@ -459,6 +461,8 @@ def train_loop(config: dict) -> dict | None:
         state.update(saved)
         state["resumed_from"].append(state["step"])
     state["attempts"] += 1
+    # the Ray node of every rank, per attempt (a restart after a lost node runs elsewhere)
+    state.setdefault("nodes", []).append(_all_gather(ray.get_runtime_context().get_node_id()))
 
     collator = RecommenderCollator(
         processor, train.max_length, train.image_size, train.multimodal, family=fam
