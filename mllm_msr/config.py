@@ -99,6 +99,17 @@ def _whole_above_one(obj: Any, name: str) -> None:
         raise _bad(name, "<= 1 or a whole number (Ray shares only fractions of one unit)", value)
 
 
+def _custom_resources(obj: Any, name: str) -> None:
+    """Custom Ray resources: names other than CPU/GPU/memory (set those with their own keys),
+    amounts >= 0."""
+    value = getattr(obj, name)
+    for key, amount in value.items():
+        if key in ("CPU", "GPU", "memory", "object_store_memory") or not key:
+            raise _bad(name, "custom resource names (CPU and GPU have their own keys)", value)
+        if not amount >= 0:
+            raise _bad(name, "amounts >= 0", value)
+
+
 def _known_family(obj: Any, name: str = "family") -> None:
     from mllm_msr.families import FAMILIES  # stdlib-only module; imported late (no cycle)
 
@@ -189,11 +200,15 @@ class ActorPoolConfig:
     """GPUs per actor (set to tensor_parallel_size on GPU clusters)."""
     num_cpus: float = 1.0
     batch_size: int = 16
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each actor asks for (placement: ``{summarizer: 1}`` runs the actors
+    only on nodes started with that resource; speed only, not in the stage's fingerprint)."""
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "concurrency", "batch_size")
         _at_least(self, 0, "num_gpus", "num_cpus")
         _whole_above_one(self, "num_gpus")
+        _custom_resources(self, "resources")
 
 
 # --------------------------------------------------------------------------- stages
@@ -406,6 +421,8 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each train worker asks for (placement, e.g. ``{trainer: 1}``)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     learning_rate: float = 2e-5
     weight_decay: float = 0.0
@@ -453,6 +470,7 @@ class TrainConfig:
         _minus_one_or_positive(self, "max_steps")
         _at_least(self, 0, "cpus_per_worker", "weight_decay", "grad_clip", "seed", "eval_samples")
         _whole_above_one(self, "cpus_per_worker")
+        _custom_resources(self, "resources_per_worker")
         _positive(self, "learning_rate")
         if not self.max_failures >= -1:
             raise _bad("max_failures", ">= -1 (-1: retry forever)", self.max_failures)

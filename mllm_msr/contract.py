@@ -114,6 +114,7 @@ STAGES: dict[str, Stage] = {
                 "train.checkpoints_to_keep",
                 "train.max_failures",
                 "train.cpus_per_worker",
+                "train.resources_per_worker",
             ),
             prompts=("recommender",),
             fresh_kwarg=True,

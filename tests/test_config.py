@@ -356,3 +356,18 @@ def test_validate_models_imports_no_heavy_libraries():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_custom_resources_for_placement():
+    from mllm_msr.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict(
+        {},
+        ["item_summaries.pool.resources.summarizer=1", "train.resources_per_worker={trainer: 0.5}"],
+    )
+    assert cfg.item_summaries.pool.resources == {"summarizer": 1.0}
+    assert cfg.train.resources_per_worker == {"trainer": 0.5}
+    with pytest.raises(ConfigError, match="resources_per_worker: must be custom resource names"):
+        config_from_dict({}, ["train.resources_per_worker.CPU=2"])
+    with pytest.raises(ConfigError, match="pool.resources|resources: must be amounts >= 0"):
+        config_from_dict({}, ["user_preferences.pool.resources.x=-1"])

@@ -42,8 +42,15 @@ def test_fingerprint_covers_what_shapes_the_output_and_ignores_speed_settings(tm
     assert fingerprint(base, "train", {"prepare": "x"}).value != fp  # an input changed
     # parallelism and logging do not shape the output
     assert fingerprint(_cfg(tmp_path, "train.log_every=3"), "train", {}).value == fp
+    placed = _cfg(tmp_path, "train.resources_per_worker.trainer=1")  # placement only
+    assert fingerprint(placed, "train", {}).value == fp
     it = fingerprint(base, "item_summaries", {}).value
-    cfg = _cfg(tmp_path, "item_summaries.pool.concurrency=4", "item_summaries.pool.batch_size=7")
+    cfg = _cfg(
+        tmp_path,
+        "item_summaries.pool.concurrency=4",
+        "item_summaries.pool.batch_size=7",
+        "item_summaries.pool.resources.summarizer=1",
+    )
     assert fingerprint(cfg, "item_summaries", {}).value == it
     assert "prepare.num_blocks" not in stage_config(base, "prepare")
     assert stage_config(base, "prepare")["prepare.seed"] == 42

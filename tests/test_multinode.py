@@ -91,3 +91,82 @@ def test_first_stages_on_three_nodes_with_s3_run_dir(cluster, s3_server, tmp_pat
     assert users and len(users) == len(set(users))
     again = run_pipeline(cfg)
     assert all(s["skipped"] for s in again["stages"].values())
+
+
+PLACEMENT = [
+    "item_summaries.pool.resources.summarizer=1",
+    "user_preferences.pool.resources.preferences=1",
+    "train.resources_per_worker.trainer=1",
+]
+
+
+@pytest.fixture
+def placement_cluster(s3_server):
+    """Head (no CPU) + 3 worker nodes, each offering one custom resource: the summarizer
+    actors, the preference actors and the train workers can each run on one node only."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    had_ray = ray.is_initialized()
+    if had_ray:
+        ray.shutdown()
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "object_store_memory": 150 * 1024 * 1024},
+    )
+    nodes = {}
+    for name, cpus, resources in [
+        ("summarizer", 2, {"summarizer": 1}),
+        ("preferences", 2, {"preferences": 1}),
+        ("trainer", 3, {"trainer": 2}),
+    ]:
+        node = c.add_node(num_cpus=cpus, resources=resources, object_store_memory=150 * 2**20)
+        nodes[name] = node
+    c.wait_for_nodes()
+    try:
+        yield c, nodes
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if had_ray:
+            from conftest import _start_local_ray
+
+            _start_local_ray()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_reduced_pipeline_placed_by_custom_resources(placement_cluster, s3_server, tmp_path):
+    """The reduced pipeline on 4 nodes with the S3 run directory; custom resources put the
+    summarizer actors, the preference actors and the train workers each on their own node,
+    and each stage's summary names the nodes its actors ran on."""
+    import subprocess
+
+    from reduced_demo import REDUCED_DEMO, check_counts_add_up
+
+    from mllm_msr.config import load_config
+    from mllm_msr.pipeline import run_pipeline
+
+    cluster, nodes = placement_cluster
+    ids = {name: n.node_id for name, n in nodes.items()}
+    uri = f"s3://{s3_server['bucket']}/placed-{uuid.uuid4().hex[:6]}"
+    cfg = load_config(
+        ROOT / "configs" / "demo-cpu.yaml",
+        [f"run_dir={uri}", f"ray.address={cluster.address}", *REDUCED_DEMO, *PLACEMENT],
+    )
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    t0 = time.perf_counter()
+    summary = run_pipeline(cfg)
+    wall = time.perf_counter() - t0
+    print(f"[multinode] reduced pipeline, 4 nodes, {uri}: {wall:.1f} s (before: {load})")
+    assert not any(s["skipped"] for s in summary["stages"].values())
+    run = RunDir(uri)
+    placed = {s: run.stage_summary(s)["nodes"] for s in ("item_summaries", "user_preferences")}
+    train_nodes = run.stage_summary("train")["nodes"]  # per attempt, per rank
+    print(f"[multinode] nodes {ids}; item/user actors ran on {placed}; train on {train_nodes}")
+    assert placed == {
+        "item_summaries": [ids["summarizer"]],
+        "user_preferences": [ids["preferences"]],
+    }
+    assert train_nodes == [[ids["trainer"]] * cfg.train.num_workers]
+    check_counts_add_up(run)

@@ -453,7 +453,7 @@ class ItemSummarizer:
     """Ray Data callable class: owns one vLLM engine, summarizes and writes batches of items.
 
     Returns one row per batch: ``part, rows_in, rows_out, quarantined, seconds, started_at,
-    finished_at`` (wall-clock times, for the stage's active throughput).
+    finished_at`` (wall-clock times, for the stage's active throughput), ``node_id``.
     """
 
     def __init__(
@@ -507,6 +507,7 @@ class ItemSummarizer:
                 "seconds": [seconds],
                 "started_at": [started_at],
                 "finished_at": [time.time()],
+                "node_id": [_node_id()],
             }
         )
 
@@ -522,6 +523,13 @@ class ItemSummarizer:
         self.run.write_json(marker, {"item_id": self.crash_on_item, "pid": os.getpid()})
         print(f"[{STAGE}] fault injection: killing actor pid={os.getpid()}", flush=True)
         os._exit(1)
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on ('' outside Ray): the stage summary's ``nodes``."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 # --------------------------------------------------------------------------- driver
@@ -586,18 +594,20 @@ def _summarize_with_ray(
         compute=ray.data.ActorPoolStrategy(size=s.pool.concurrency),
         num_cpus=s.pool.num_cpus,
         num_gpus=num_gpus,
+        **({"resources": dict(s.pool.resources)} if s.pool.resources else {}),
     )
     # Fault tolerance comes from Ray Data's actor-pool defaults (``max_restarts=-1``,
     # ``max_task_retries=-1``; Ray 2.60 deprecates passing them here): a dead actor is restarted
     # and its unfinished batch retried. Batch files are idempotent, so a retry never duplicates.
     from mllm_msr.progress import Progress
 
-    processed, first_start, last_end = 0, float("inf"), 0.0
+    processed, first_start, last_end, nodes = 0, float("inf"), 0.0, set()
     progress = Progress(STAGE, total=len(todo), unit="items", write=None if log is print else log)
     for row in ds.iter_rows():
         processed += row["rows_in"]
         first_start = min(first_start, row["started_at"])
         last_end = max(last_end, row["finished_at"])
+        nodes.add(row["node_id"])
         progress.set(processed)
         _log.debug(
             "batch %s: %d summarized, %d quarantined (%.2f s)",
@@ -607,7 +617,11 @@ def _summarize_with_ray(
             row["seconds"],
         )
     progress.close()
-    return {"processed": processed, "active_seconds": max(0.0, last_end - first_start)}
+    return {
+        "processed": processed,
+        "active_seconds": max(0.0, last_end - first_start),
+        "nodes": sorted(nodes),
+    }
 
 
 def run_item_summaries(cfg: PipelineConfig, run: RunDir, log=print, fresh: bool = False) -> dict:
@@ -649,11 +663,11 @@ def run_item_summaries(cfg: PipelineConfig, run: RunDir, log=print, fresh: bool 
         f"dropped {state.dropped} stale rows)"
     )
     t_work = time.perf_counter()
-    active_seconds = None
+    active_seconds, nodes = None, []
     if todo:
         if s.enabled:
             stats = _summarize_with_ray(cfg, run, todo, len(expected), log)
-            active_seconds = stats["active_seconds"]
+            active_seconds, nodes = stats["active_seconds"], stats["nodes"]
         else:
             _summarize_in_driver(run, todo, s, log)
     work_seconds = time.perf_counter() - t_work
@@ -686,6 +700,7 @@ def run_item_summaries(cfg: PipelineConfig, run: RunDir, log=print, fresh: bool 
             round(len(todo) / active_seconds, 3) if todo and active_seconds else None
         ),
         "seconds": round(time.perf_counter() - t0, 3),
+        "nodes": nodes,
     }
     log(
         f"[{STAGE}] done: {summary['rows_out']} summaries, {summary['quarantined']} quarantined, "

@@ -242,6 +242,7 @@ def score_samples(
         compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus or None,
+        **({"resources": dict(pool.resources)} if pool.resources else {}),
     )
     from mllm_msr.progress import Progress
 

@@ -46,6 +46,9 @@ MERGED_DIR = "merged"
 STATE_FILE = "mllm_msr_state.json"
 FINGERPRINT_FILE = "train/fingerprint.json"
 """What the checkpoints under ``train/`` were trained on (see :func:`checkpoint_fingerprint`)."""
+HOLD_ENV = "MLLM_MSR_TRAIN_HOLD_AT_STEP"
+HOLD_FLAG = "train/_hold"
+"""Fault injection (tests): rank 0 waits after that step's checkpoint (:func:`_maybe_hold`)."""
 TENSORBOARD_DIR = "train/tensorboard"
 """TensorBoard event files of rank 0 (:mod:`mllm_msr.telemetry`)."""
 RESUMABLE_KEYS = ("max_steps", "log_every", "checkpoints_to_keep", "max_failures", "merge_adapter")
@@ -129,7 +132,10 @@ def run_train(
     (:func:`checkpoint_fingerprint`); checkpoints of anything else are removed and training
     starts over. The exported adapter of an earlier run stays until the new one replaces it. ``fail_once_at_step`` is fault injection for tests: the last rank's process exits
     once when it reaches that optimizer step (a flag file in the run directory makes it
-    once), and ``FailureConfig`` restarts the run from the last checkpoint.
+    once), and ``FailureConfig`` restarts the run from the last checkpoint. With the
+    environment variable ``MLLM_MSR_TRAIN_HOLD_AT_STEP=N`` (tests: a node removed while
+    training runs), rank 0 writes ``train/_hold`` once after the step-N checkpoint and waits
+    up to ``MLLM_MSR_TRAIN_HOLD_S`` (60) seconds before going on.
     """
     import ray.data
     import ray.train
@@ -191,11 +197,19 @@ def run_train(
         "fingerprint": ckpt_fp,
         "tensorboard": run.uri_of(TENSORBOARD_DIR),
         "run_name": cfg.name,
+        "hold": None
+        if not os.environ.get(HOLD_ENV)
+        else {
+            "step": int(os.environ[HOLD_ENV]),
+            "run": run.uri,
+            "flag": HOLD_FLAG,
+            "seconds": float(os.environ.get("MLLM_MSR_TRAIN_HOLD_S", "60")),
+        },
         "fail_once": None
         if fail_once_at_step is None
         else {"step": fail_once_at_step, "run": run.uri, "flag": "train/_injected_failure"},
     }
-    resources = {"CPU": train.cpus_per_worker}
+    resources = {"CPU": train.cpus_per_worker, **train.resources_per_worker}
     if train.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
@@ -258,6 +272,7 @@ def run_train(
         "val_loss": state.get("val_loss"),
         "shortened": state["shortened"],
         "attempts": state["attempts"],
+        "nodes": state.get("nodes"),
         "resumed_from_steps": state["resumed_from"],
         "step_seconds": state.get("step_seconds"),
         "startup_seconds": state.get("startup_seconds"),
@@ -416,6 +431,7 @@ def train_loop(config: dict) -> dict | None:
     os.environ.setdefault(
         "TORCH_EXTENSIONS_DIR", str(Path(config["cache_dir"]) / "torch_extensions")
     )
+    import ray
     import ray.train
 
     from mllm_msr.engines import deepspeed as ds
@@ -463,6 +479,8 @@ def train_loop(config: dict) -> dict | None:
         state.update(saved)
         state["resumed_from"].append(state["step"])
     state["attempts"] += 1
+    # the Ray node of every rank, per attempt (a restart after a lost node runs elsewhere)
+    state.setdefault("nodes", []).append(_all_gather(ray.get_runtime_context().get_node_id()))
 
     total_steps, per_epoch = config["total_steps"], config["steps_per_epoch"]
     fail = config.get("fail_once")
@@ -570,6 +588,7 @@ def train_loop(config: dict) -> dict | None:
                     telemetry.log(state["step"], **{"val/loss": state.get("val_loss")})
                 telemetry.flush()
                 save(final=last)
+                _maybe_hold(config.get("hold"), state["step"], rank)
                 t_step = time.perf_counter()
             elif state["step"] % train.log_every == 0:
                 ray.train.report({"step": state["step"], "loss": mean_loss})
@@ -583,6 +602,19 @@ def train_loop(config: dict) -> dict | None:
         save(final=True)
     telemetry.close()
     return state if rank == 0 else None
+
+
+def _maybe_hold(hold: dict | None, step: int, rank: int) -> None:
+    """Fault-injection point (tests): after the step-``hold['step']`` checkpoint, rank 0 writes
+    the hold flag once and waits, so that a test removes the node while training runs."""
+    if not hold or rank != 0 or step != hold["step"]:
+        return
+    flag_run = RunDir(hold["run"])
+    if flag_run.exists(hold["flag"]):
+        return
+    flag_run.write_json(hold["flag"], {"step": step, "pid": os.getpid()})
+    print(f"[train] holding after the step-{step} checkpoint ({hold['seconds']:g} s)", flush=True)
+    time.sleep(hold["seconds"])
 
 
 def answer_loss(model, batch: dict):

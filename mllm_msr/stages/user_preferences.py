@@ -525,12 +525,16 @@ class PreferenceWorker:
         self.generate = engine_generate(self.engine, self.up)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in ("part", *_STAT_FIELDS)}
+        out: dict[str, list] = {k: [] for k in ("part", "node_id", *_STAT_FIELDS)}
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
         for part, payload in zip(batch["part"], batch["payload"]):
             works = [UserWork.from_json(w) for w in json.loads(payload)]
             table, stats = process_batch(works, self.generate, self.up)
             self.run.write_table(TABLE, table, name=part)
             out["part"].append(part)
+            out["node_id"].append(node)
             for name in _STAT_FIELDS:
                 out[name].append(getattr(stats, name))
         return out
@@ -538,7 +542,9 @@ class PreferenceWorker:
 
 def _run_batches_on_ray(
     cfg: PipelineConfig, run: RunDir, batches: list[tuple[str, list[UserWork]]]
-) -> WavefrontStats:
+) -> tuple[WavefrontStats, list[str]]:
+    """Map :class:`PreferenceWorker` actors over ``batches``; the stats and the Ray node ids
+    the batches ran on."""
     import ray.data
 
     from mllm_msr.runtime import init_ray
@@ -556,9 +562,11 @@ def _run_batches_on_ray(
     ]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     pool = up.pool
-    resources: dict[str, float] = {"num_cpus": pool.num_cpus}
+    resources: dict[str, Any] = {"num_cpus": pool.num_cpus}
     if pool.num_gpus:
         resources["num_gpus"] = pool.num_gpus
+    if pool.resources:  # custom resources: placement on the nodes that offer them
+        resources["resources"] = dict(pool.resources)
     results = ds.map_batches(
         PreferenceWorker,
         batch_size=1,
@@ -575,12 +583,13 @@ def _run_batches_on_ray(
     works = [w for _, ws in batches for w in ws]
     n_users = len(works)
     progress = Progress(STAGE, total=blocks_to_do(works, up), unit="blocks")
-    total = WavefrontStats()
+    total, nodes = WavefrontStats(), set()
     for r in results.iter_rows():  # one row per finished batch of users, as it finishes
         total.add(WavefrontStats(**{k: r[k] for k in _STAT_FIELDS}))
+        nodes.add(r["node_id"])
         progress.set(total.blocks, users=f"{total.users}/{n_users}")
     progress.close()
-    return total
+    return total, sorted(nodes)
 
 
 def blocks_to_do(works: Sequence[UserWork], up: UserPreferencesConfig) -> int:
@@ -627,8 +636,10 @@ def run_user_preferences(cfg: PipelineConfig, run: RunDir, fresh: bool = False) 
         table, s = process_batch(works, _no_engine, up)
         run.write_table(TABLE, table, name=name)
         stats.add(s)
+    nodes: list[str] = []
     if engine_batches:
-        stats.add(_run_batches_on_ray(cfg, run, engine_batches))
+        engine_stats, nodes = _run_batches_on_ray(cfg, run, engine_batches)
+        stats.add(engine_stats)
     planned = {n for n, _ in plan.batches}
     stale = sorted(p for p in existing_before if p not in planned)
     for name in stale:
@@ -664,6 +675,7 @@ def run_user_preferences(cfg: PipelineConfig, run: RunDir, fresh: bool = False) 
         "block_size": up.block_size,
         "users_per_batch": up.pool.batch_size,
         "seconds": round(time.perf_counter() - t0, 2),
+        "nodes": nodes,
         **plan.counts,
     }
     if summary["rows_in"] != summary["rows_out"] + summary["quarantined"]:
