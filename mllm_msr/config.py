@@ -401,6 +401,13 @@ class TrainConfig:
     family: str = "qwen2_vl"
     multimodal: bool = True
     """Give the candidate's image to the recommender (false: text-only, TALLRec-like)."""
+    prompt: Literal["paper", "summary", "history"] = "summary"
+    """The recommender prompt (training and scoring alike, :func:`mllm_msr.prompts.
+    recommender_chat`): ``paper`` = preference + candidate title + image (the paper's input);
+    ``summary`` = also the candidate's generated summary; ``history`` = ``paper`` plus the
+    titles of the user's ``prompt_history`` most recent items (TALLRec-style)."""
+    prompt_history: int = 5
+    """History titles the ``history`` prompt lists (the most recent ones)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     num_workers: int = 2
@@ -449,6 +456,7 @@ class TrainConfig:
             "checkpoint_every",
             "checkpoints_to_keep",
             "log_every",
+            "prompt_history",
         )
         _minus_one_or_positive(self, "max_steps")
         _at_least(self, 0, "cpus_per_worker", "weight_decay", "grad_clip", "seed", "eval_samples")

@@ -42,6 +42,21 @@ def load_image(data: bytes, side: int) -> Image.Image:
         return img.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
 
 
+def recommender_collator(processor: Any, train: Any, family: families.Family | None = None):
+    """The collator of ``train`` (a :class:`~mllm_msr.config.TrainConfig`): the one encoder
+    that training (:func:`mllm_msr.stages.train.train_loop`) and scoring
+    (:class:`mllm_msr.stages.score.YesNoScorer`) both build, so their prompts cannot differ."""
+    return RecommenderCollator(
+        processor,
+        train.max_length,
+        train.image_size,
+        with_image=train.multimodal,
+        family=family,
+        prompt=train.prompt,
+        history_n=train.prompt_history,
+    )
+
+
 class RecommenderCollator:
     """Encode and pad SFT samples (dicts with ``preference``, ``title``, ``summary``, ``image``,
     ``label``) into a batch for the recommender's forward pass.
@@ -53,6 +68,9 @@ class RecommenderCollator:
         with_image: give the candidate image to the model (False: text-only prompts).
         family: the model's :class:`~mllm_msr.families.Family` (its image sizing rule); None
             applies the patch x merge rule of the processor.
+        prompt: the recommender prompt (``train.prompt``, :data:`mllm_msr.prompts.
+            RECOMMENDER_PROMPTS`); ``history_n``: history titles the ``history`` prompt lists
+            (``train.prompt_history``).
     """
 
     def __init__(
@@ -62,7 +80,12 @@ class RecommenderCollator:
         image_size: int,
         with_image: bool = True,
         family: families.Family | None = None,
+        prompt: str = "summary",
+        history_n: int = 5,
     ):
+        prompts.recommender_template(prompt)  # an unknown prompt fails here, not per sample
+        self.prompt = prompt
+        self.history_n = history_n
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_length = max_length
@@ -83,8 +106,14 @@ class RecommenderCollator:
         ]
 
     def _encode_prompt(self, fields: dict[str, str], image: Image.Image | None) -> dict:
-        messages = prompts.recommender_messages(
-            fields["preference"], fields["title"], fields["summary"], with_image=image is not None
+        messages = prompts.recommender_chat(
+            self.prompt,
+            fields["preference"],
+            fields["title"],
+            fields["summary"],
+            with_image=image is not None,
+            history_titles=fields.get("history_titles"),
+            history_n=self.history_n,
         )
         templater = (
             self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
@@ -114,6 +143,7 @@ class RecommenderCollator:
             "preference": sample.get("preference") or "",
             "title": sample.get("title") or "",
             "summary": sample.get("summary") or "",
+            "history_titles": list(sample.get("history_titles") or []),
         }
         data = sample.get("image")
         image = load_image(data, self.side) if self.with_image and data else None

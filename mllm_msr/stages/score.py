@@ -82,7 +82,7 @@ class YesNoScorer:
     ) -> None:
         import torch
 
-        from mllm_msr.stages.collate import RecommenderCollator
+        from mllm_msr.stages.collate import recommender_collator
         from mllm_msr.tiny import resolve_model
 
         path = resolve_model(model)
@@ -90,9 +90,7 @@ class YesNoScorer:
         fam = families.resolve(path, train.family, "train.family")
         self.model = load_recommender(path, adapter, precision, fam).to(self.device)
         processor = load_processor(path, fam)
-        self.collator = RecommenderCollator(
-            processor, train.max_length, train.image_size, with_image=train.multimodal, family=fam
-        )
+        self.collator = recommender_collator(processor, train, fam)
         # The ids training supervises (raises when Yes and No share a first token).
         self.yes_id, self.no_id = prompts.answer_token_ids(self.collator.tokenizer)
         self.micro_batch = micro_batch

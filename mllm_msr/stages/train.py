@@ -420,7 +420,7 @@ def train_loop(config: dict) -> dict | None:
 
     from mllm_msr.engines import deepspeed as ds
     from mllm_msr.engines import peft as lora
-    from mllm_msr.stages.collate import RecommenderCollator
+    from mllm_msr.stages.collate import recommender_collator
     from mllm_msr.tiny import resolve_model
 
     ctx = ray.train.get_context()
@@ -460,9 +460,7 @@ def train_loop(config: dict) -> dict | None:
         state["resumed_from"].append(state["step"])
     state["attempts"] += 1
 
-    collator = RecommenderCollator(
-        processor, train.max_length, train.image_size, train.multimodal, family=fam
-    )
+    collator = recommender_collator(processor, train, fam)
     total_steps, per_epoch = config["total_steps"], config["steps_per_epoch"]
     fail = config.get("fail_once")
     device = engine.device
