@@ -175,3 +175,23 @@ def test_text_only_lora_training_and_scoring(ray_local, tmp_path, tiny_text):
     assert not np.allclose(base, tuned, atol=1e-3)  # the adapter is applied when scoring
     # the prefix cache path goes through the peft-wrapped model unchanged
     np.testing.assert_allclose(shared.score_rows(rows), tuned, atol=1e-5)
+
+
+def test_history_prompt_drops_its_oldest_titles_before_cutting_the_preference(tiny_text):
+    import dataclasses
+
+    from mllm_msr import families
+    from mllm_msr.stages.collate import recommender_collator
+
+    fam = families.resolve(tiny_text, "qwen2")
+    processor = families.load_processor(tiny_text, fam)
+    history = [f"title number {i} " + "with many words " * 6 for i in range(5)]
+    row = {**_rows(1, 1)[0], "history_titles": history}
+    roomy = dataclasses.replace(TEXT_TRAIN, prompt="history", max_length=2048)
+    full = recommender_collator(processor, roomy, fam).encode(row)["input_ids"].shape[1]
+    tight = recommender_collator(processor, dataclasses.replace(roomy, max_length=full - 20), fam)
+    enc = tight.encode(row)
+    text = tight.tokenizer.decode(enc["input_ids"][0])
+    assert enc["input_ids"].shape[1] <= full - 20 and tight.shortened == 1
+    assert "title number 0" not in text and "title number 4" in text
+    assert row["preference"] in text  # the preference is not cut while titles remain

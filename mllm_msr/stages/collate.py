@@ -7,8 +7,9 @@ exactly the one the scorer reads (the first answer token's logits after the prom
 
 Images are resized to a fixed square (``TrainConfig.image_size``, rounded to the processor's
 patch grid), so every image costs the same number of tokens. When a sample is longer than
-``max_length``, the preference text is shortened (then the item summary, if the preference alone
-is not enough); image tokens and the answer are never cut. :attr:`RecommenderCollator.shortened`
+``max_length``, the ``history`` prompt's titles are dropped (oldest first), then the preference
+text is shortened (then the item summary, if the preference alone is not enough); image tokens
+and the answer are never cut. :attr:`RecommenderCollator.shortened`
 counts the shortened samples.
 """
 
@@ -143,13 +144,23 @@ class RecommenderCollator:
             "preference": sample.get("preference") or "",
             "title": sample.get("title") or "",
             "summary": sample.get("summary") or "",
-            "history_titles": list(sample.get("history_titles") or []),
+            # only what the prompt shows: the history prompt's most recent titles
+            "history_titles": list(sample.get("history_titles") or [])[-self.history_n :]
+            if self.prompt == "history" and self.history_n
+            else [],
         }
         data = sample.get("image")
         image = load_image(data, self.side) if self.with_image and data else None
         answer = self.answer_ids(sample["label"])
         enc = self._encode_prompt(fields, image)
         shortened = False
+        # The history prompt's titles go first, oldest first (the preference summarizes them).
+        while (
+            enc["input_ids"].shape[1] + len(answer) > self.max_length and fields["history_titles"]
+        ):
+            fields["history_titles"] = fields["history_titles"][1:]
+            enc = self._encode_prompt(fields, image)
+            shortened = True
         for name in SHORTENABLE_FIELDS:
             while enc["input_ids"].shape[1] + len(answer) > self.max_length and fields[name]:
                 excess = enc["input_ids"].shape[1] + len(answer) - self.max_length
