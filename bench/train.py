@@ -13,6 +13,9 @@ CPU machine every worker shares the same two cores, so 2 workers do not double t
 
     .venv/bin/python bench/train.py --workers 1 2 --stages 2 3 --steps 12
     .venv/bin/python bench/train.py --model tiny:qwen2-vl train.image_size=224 train.max_length=384
+    # where a step's time goes, plain vs batched by length, on the same ragged samples:
+    .venv/bin/python bench/train.py --workers 2 --stages 2 --ragged --length-bucket 8 \
+        --model tiny:qwen2 train.family=qwen2 train.multimodal=false train.micro_batch_size=4
 """
 
 from __future__ import annotations
@@ -47,8 +50,11 @@ def _png(rgb: tuple[int, int, int]) -> bytes:
     return buf.getvalue()
 
 
-def synthetic_tables(n_users: int, seed: int = 0) -> dict[str, pa.Table]:
-    """Users who like one colour; the positive has that colour, the negative another."""
+def synthetic_tables(n_users: int, seed: int = 0, ragged: bool = False) -> dict[str, pa.Table]:
+    """Users who like one colour; the positive has that colour, the negative another.
+
+    ``ragged``: preference texts of very different lengths (1 to 40 history titles, a long
+    tail as in MicroLens-50k with its whole history), where padding costs the most."""
     rng = random.Random(seed)
     names = [f"{c} {k}" for c in COLORS for k in range(8)]
     images = {c: _png(rgb) for c, rgb in COLORS.items()}
@@ -80,12 +86,14 @@ def synthetic_tables(n_users: int, seed: int = 0) -> dict[str, pa.Table]:
             cands["split"].append(split)
             cands["item_id"].append(item)
             cands["label"].append(label)
+        n_recent = min(40, int(rng.paretovariate(1.2))) if ragged else 0
+        recent = "".join(f" Recently: {liked} {rng.randrange(8)}." for _ in range(n_recent))
         for k, v in zip(
             schema.PREFERENCES.names,
             (
                 f"u{u}",
                 6,
-                f"The user appears to have a preference for {liked.lower()} covers.",
+                f"The user appears to have a preference for {liked.lower()} covers." + recent,
                 True,
                 "synthetic",
                 "synthetic/v1",
@@ -100,8 +108,8 @@ def synthetic_tables(n_users: int, seed: int = 0) -> dict[str, pa.Table]:
     }
 
 
-def bench_one(args, stage: int, workers: int, root: Path) -> dict:
-    run_dir = root / f"zero{stage}-w{workers}"
+def bench_one(args, stage: int, workers: int, root: Path, extra: tuple[str, ...] = ()) -> dict:
+    run_dir = root / f"zero{stage}-w{workers}-{len(extra)}"
     cfg = load_config(
         args.config,
         [
@@ -114,10 +122,11 @@ def bench_one(args, stage: int, workers: int, root: Path) -> dict:
             "train.log_every=1000",
             "train.eval_samples=0",
             *args.overrides,
+            *extra,
         ],
     )
     run = RunDir(str(run_dir))
-    for name, table in synthetic_tables(args.users).items():
+    for name, table in synthetic_tables(args.users, ragged=args.ragged).items():
         run.write_table(name, table)
     t0 = time.perf_counter()
     summary = run_train(cfg, run, fresh=True, log=lambda *_: None)
@@ -132,6 +141,8 @@ def bench_one(args, stage: int, workers: int, root: Path) -> dict:
         "rank_state_bytes": summary["rank_state_bytes"],
         "loss_first_last": [summary["first_loss"], summary["final_loss"]],
         "wall_seconds": round(time.perf_counter() - t0, 1),
+        "phase_seconds": summary["phase_seconds"],
+        "length_bucket": cfg.train.length_bucket,
         "trainable_params": summary["trainable_params"],
         "total_params": summary["total_params"],
     }
@@ -146,6 +157,19 @@ def main(args: argparse.Namespace) -> dict:
                 row = bench_one(args, stage, workers, Path(tmp))
                 report["runs"].append(row)
                 print(json.dumps(row), flush=True)
+                if args.length_bucket > 1:  # the same samples, batched by length
+                    bucketed = bench_one(
+                        args,
+                        stage,
+                        workers,
+                        Path(tmp),
+                        (f"train.length_bucket={args.length_bucket}",),
+                    )
+                    bucketed["step_time_ratio_vs_plain"] = round(
+                        bucketed["step_seconds_median"] / row["step_seconds_median"], 3
+                    )
+                    report["runs"].append(bucketed)
+                    print(json.dumps(bucketed), flush=True)
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
@@ -161,6 +185,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--users", type=int, default=120)
     p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument(
+        "--length-bucket",
+        type=int,
+        default=1,
+        help="also run each setting with train.length_bucket=N on the same samples and "
+        "report the step-time ratio (bucketed / plain)",
+    )
+    p.add_argument(
+        "--ragged", action="store_true", help="preference texts of very different lengths"
+    )
     p.add_argument("--out", default=None, help="also write the JSON report here")
     p.add_argument(
         "overrides", nargs="*", help="dotted config overrides, e.g. train.image_size=224"

@@ -103,11 +103,19 @@ def model_card(cfg, train_summary: Mapping | None, metrics: Mapping | None) -> s
         f"- micro batch {t.micro_batch_size} × {t.grad_accum_steps} accumulation × "
         f"{t.num_workers} workers = effective batch {effective}; {length}",
         f"- max length {t.max_length} tokens, image size {t.image_size}, seed {t.seed}",
+        f"- recommender prompt `{t.prompt}`"
+        + (f" ({t.prompt_history} history titles)" if t.prompt == "history" else ""),
     ]
     if s.get("steps") is not None:
         lines.append(
             f"- trained {s['steps']} steps: loss {s.get('first_loss')} → {s.get('final_loss')}"
             + (f", validation loss {s['val_loss']}" if s.get("val_loss") is not None else "")
+            + (f", validation AUC {s['val_auc']}" if s.get("val_auc") is not None else "")
+            + (
+                f"; exported the weights of step {s['exported_step']} (best validation AUC)"
+                if s.get("exported_step") not in (None, s["steps"])
+                else ""
+            )
         )
     lines += ["", "## Metrics", ""]
     if metrics and metrics.get("methods"):

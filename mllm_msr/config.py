@@ -416,6 +416,13 @@ class TrainConfig:
     family: str = "qwen2_vl"
     multimodal: bool = True
     """Give the candidate's image to the recommender (false: text-only, TALLRec-like)."""
+    prompt: Literal["paper", "summary", "history"] = "summary"
+    """The recommender prompt (training and scoring alike, :func:`mllm_msr.prompts.
+    recommender_chat`): ``paper`` = preference + candidate title + image (the paper's input);
+    ``summary`` = also the candidate's generated summary; ``history`` = ``paper`` plus the
+    titles of the user's ``prompt_history`` most recent items (TALLRec-style)."""
+    prompt_history: int = 5
+    """History titles the ``history`` prompt lists (the most recent ones)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     num_workers: int = 2
@@ -432,6 +439,20 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int = -1
     """Optimizer steps; -1 = run the epochs."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate decay over the run's steps after the warmup (``transformers.get_scheduler``)."""
+    warmup_ratio: float = 0.0
+    """Fraction of the run's optimizer steps with a linear warmup from 0."""
+    eval_every: int = 0
+    """Validate (loss and AUC on the 1:1 validation set, ``eval_samples`` rows) every this many
+    optimizer steps; 0: at the end of every epoch. Training always ends with a validation."""
+    select_best: bool = False
+    """Export the adapter of the validation with the best AUC instead of the last weights."""
+    early_stopping_patience: int = 0
+    """Stop after this many validations without a better AUC; 0: never."""
+    length_bucket: int = 1
+    """Pool this many micro-batches, sort the pool by prompt length and cut it again, so that
+    rows of one micro-batch have similar lengths (less padding); 1: the shuffled order."""
     max_length: int = 512
     image_size: int = 224
     """Fixed square resolution images are resized to for the recommender."""
@@ -446,7 +467,8 @@ class TrainConfig:
     log_every: int = 10
     """Report the training loss to Ray Train every this many optimizer steps."""
     eval_samples: int = 256
-    """Validation samples (at most) whose mean loss is computed at the end; 0 disables."""
+    """Validation rows (at most; one positive and one sampled negative per validation user)
+    for the validation loss and AUC; 0 disables validation."""
     missing_preference: Literal["titles", "quarantine"] = "titles"
     """Users without a final preference: use their history's titles as the preference text
     (counted as ``fallback_users``), or quarantine their samples."""
@@ -466,7 +488,16 @@ class TrainConfig:
             "checkpoint_every",
             "checkpoints_to_keep",
             "log_every",
+            "prompt_history",
+            "length_bucket",
         )
+        _in_range(self, "warmup_ratio", 0, 1, "[)")
+        _at_least(self, 0, "eval_every", "early_stopping_patience")
+        if (self.select_best or self.early_stopping_patience) and not self.eval_samples:
+            raise ConfigError(
+                "eval_samples: select_best and early_stopping_patience need validation rows, "
+                "got eval_samples: 0"
+            )
         _minus_one_or_positive(self, "max_steps")
         _at_least(self, 0, "cpus_per_worker", "weight_decay", "grad_clip", "seed", "eval_samples")
         _whole_above_one(self, "cpus_per_worker")
@@ -491,6 +522,14 @@ class EvaluateConfig:
     user's (a seeded derangement) and report own - swapped with a paired bootstrap interval
     (``metrics.json`` ``user_sensitivity``): about 0 for a model that ignores its user. Doubles
     the model scoring time."""
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """What scores the recommender: a transformers forward pass (any family), or vLLM
+    (text-only recommenders; fed the collator's token ids, fp32, LoRA per request, prefix
+    caching across a user's candidates)."""
+    vllm_max_num_seqs: int = 64
+    """``evaluate.engine: vllm``: sequences vLLM schedules at once."""
+    vllm_kvcache_gib: int = 2
+    """``evaluate.engine: vllm`` on CPU: KV cache size (``VLLM_CPU_KVCACHE_SPACE``)."""
     share_prefix: bool = False
     """Text-only recommenders: run the prompt prefix a user's candidates share once and score
     them from its KV cache (same scores up to float rounding; set ``pool.batch_size`` to a
@@ -505,6 +544,7 @@ class EvaluateConfig:
         if len(set(self.baselines)) != len(self.baselines):
             raise _bad("baselines", "distinct", self.baselines)
         _minus_one_or_positive(self, "max_users")
+        _at_least(self, 1, "vllm_max_num_seqs", "vllm_kvcache_gib")
 
 
 @dataclass

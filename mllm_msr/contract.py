@@ -55,6 +55,9 @@ class Stage:
 _POOL = ("pool", "engine.max_num_seqs", "engine.gpu_memory_utilization")
 _ENGINE_SPEED = ("engine.cpu_kvcache_space_gib", "engine.tensor_parallel_size")
 
+RECOMMENDER_TEMPLATES = tuple(prompts.recommender_template(p) for p in prompts.RECOMMENDER_PROMPTS)
+"""Every recommender template (``train.prompt`` picks one; ``train.prompt`` is in the config)."""
+
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
@@ -116,7 +119,7 @@ STAGES: dict[str, Stage] = {
                 "train.cpus_per_worker",
                 "train.resources_per_worker",
             ),
-            prompts=("recommender",),
+            prompts=RECOMMENDER_TEMPLATES,
             fresh_kwarg=True,
         ),
         Stage(
@@ -139,9 +142,11 @@ STAGES: dict[str, Stage] = {
                 "train.max_length",
                 "train.image_size",
                 "train.missing_preference",
+                "train.prompt",
+                "train.prompt_history",
             ),
             ignore=("evaluate.pool",),
-            prompts=("recommender",),
+            prompts=RECOMMENDER_TEMPLATES,
         ),
     ]
 }

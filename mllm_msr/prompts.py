@@ -33,6 +33,8 @@ PROMPT_VERSIONS: dict[str, str] = {
     "preference_recurrent": "preference_recurrent/v1",
     "preference_direct": "preference_direct/v1",
     "recommender": "recommender/v1",
+    "recommender_paper": "recommender_paper/v1",
+    "recommender_history": "recommender_history/v1",
 }
 """Version of each template; a stage records the version of the template it used."""
 
@@ -255,6 +257,19 @@ def direct_preference_messages(history: Sequence[dict[str, Any]], noun: str = "i
 # --------------------------------------------------------------------------- recommender
 
 
+RECOMMENDER_PROMPTS = ("paper", "summary", "history")
+"""Choices of ``train.prompt``: ``paper`` (preference + candidate title + candidate image, the
+paper's input), ``summary`` (also the candidate's generated summary) and ``history`` (``paper``
+plus the titles of the user's most recent history items, TALLRec-style)."""
+
+
+def recommender_template(style: str) -> str:
+    """The :data:`PROMPT_VERSIONS` key of recommender prompt ``style`` (``train.prompt``)."""
+    if style not in RECOMMENDER_PROMPTS:
+        raise ValueError(f"train.prompt: {style!r} is not one of {list(RECOMMENDER_PROMPTS)}")
+    return "recommender" if style == "summary" else f"recommender_{style}"
+
+
 def recommender_messages(
     preference: str | None,
     title: str | None,
@@ -262,17 +277,24 @@ def recommender_messages(
     with_image: bool = True,
     image: Any = None,
     noun: str = "item",
+    history_titles: Sequence[str] | None = None,
 ) -> Chat:
     """The recommender prompt, answered with ``Yes`` or ``No`` (training and scoring alike).
 
     ``with_image`` puts the candidate's image (``image``; None when a processor receives it
     separately) before the text. ``summary`` (e.g. the item's image description, for a
-    text-only recommender) is included when given.
+    text-only recommender) is included when given. ``history_titles`` (the ``history`` prompt)
+    lists the user's most recent items, oldest first, after the preference.
     """
     noun = sanitize(noun, 40) or "item"
     lines = [
         "Based on the user's previous interaction history, the user's preference can be "
         f"summarized as: {sanitize(preference) or '(unknown)'}",
+    ]
+    if history_titles:
+        lines.append(f"The {noun}s the user interacted with most recently, oldest first:")
+        lines += [f"{i}. '{_title(t)}'" for i, t in enumerate(history_titles, 1)]
+    lines += [
         f"Please predict whether this user would interact with the following {noun} at the "
         "next opportunity.",
         f"The {noun}'s title is '{_title(title)}'.",
@@ -284,6 +306,36 @@ def recommender_messages(
     lines.append(f"Please only respond '{YES}' or '{NO}', without any other words.")
     text = "\n".join(lines)
     return user_image_text(image, text) if with_image else user_text(text)
+
+
+def recommender_chat(
+    style: str,
+    preference: str | None,
+    title: str | None,
+    summary: str | None = None,
+    with_image: bool = True,
+    image: Any = None,
+    noun: str = "item",
+    history_titles: Sequence[str] | None = None,
+    history_n: int = 5,
+) -> Chat:
+    """The recommender prompt of ``style`` (:data:`RECOMMENDER_PROMPTS`): what a sample's
+    fields become for the collator (training and scoring call this one function).
+
+    ``paper`` drops ``summary`` and ``history_titles``; ``summary`` keeps ``summary``;
+    ``history`` drops ``summary`` and keeps the last ``history_n`` of ``history_titles``.
+    """
+    recommender_template(style)  # validates the style
+    recent = list(history_titles or [])[-history_n:] if style == "history" and history_n else []
+    return recommender_messages(
+        preference,
+        title,
+        summary if style == "summary" else None,
+        with_image=with_image,
+        image=image,
+        noun=noun,
+        history_titles=recent or None,
+    )
 
 
 def answer_text(label: int | bool) -> str:

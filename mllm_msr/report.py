@@ -418,7 +418,9 @@ def build_report(
         parts["training"] = _img(_png(loss_figure(losses, train.get("val_loss"))), "loss curves")
         parts["training"] += (
             f"<p>{train.get('steps')} steps; loss {train.get('first_loss')} → "
-            f"{train.get('final_loss')}; validation loss {train.get('val_loss')}.</p>"
+            f"{train.get('final_loss')}; validation loss {train.get('val_loss')}, "
+            f"validation AUC {train.get('val_auc')} (1:1); exported step "
+            f"{train.get('exported_step', train.get('steps'))}.</p>"
         )
     else:
         parts["training"] = "<p class='muted'>No training losses recorded (train not run).</p>"

@@ -121,7 +121,9 @@ def _observed(train: dict, metrics: dict, run_dir: Path) -> dict:
 # deliberate behaviour change (the failure message also prints what the run saw).
 GOLDEN: dict = {
     "losses": [6.302125, 5.709253, 5.346356, 4.771348],
-    "val_loss": 4.280278,
+    # the 1:1 validation set (one positive + one seeded negative per val user) since issue 18;
+    # 4.280278 on the first rows of the 1:20 set before (losses and metrics unchanged)
+    "val_loss": 4.618017,
     "metrics": {
         "fine_tuned": {
             "auc": 0.54921875,

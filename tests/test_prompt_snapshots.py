@@ -51,6 +51,18 @@ RENDER: dict[str, Callable[[], list[prompts.Chat]]] = {
         [*prompts.user_text("x"), {"role": "assistant", "content": prompts.answer_text(1)}],
         [{"role": "assistant", "content": prompts.answer_text(0)}],
     ],
+    "recommender_paper": lambda: [
+        prompts.recommender_chat(
+            "paper", "likes red cars", TITLE, "a red car", True, None, "video"
+        ),
+        prompts.recommender_chat("paper", None, TITLE, None, False, history_titles=["A", "B"]),
+    ],
+    "recommender_history": lambda: [
+        prompts.recommender_chat(
+            "history", "likes red", TITLE, "a red car", True, None, "video", [TITLE, "B", "C"], 2
+        ),
+        prompts.recommender_chat("history", None, TITLE, None, False, history_titles=[]),
+    ],
 }
 """Template name -> fixed renderings (every branch of the template)."""
 
@@ -61,6 +73,8 @@ SNAPSHOTS: dict[str, str] = {
     "preference_direct/v1": "4f9a2ce902d0691fab5c34a3f55f43863529522bfd6f195a90f86ac5282740be",
     "preference_recurrent/v1": "253e0f42a60a410ca47f6ae5e157ea578e5128b392a97ded141528ca5b57b3e9",
     "recommender/v1": "a643647a5ddc35086a5ba1bc957e118c244b730781f48d412b265ae582d68f5b",
+    "recommender_history/v1": "076f5fc2db6b294dc7f72d71c939064e4e1506f7d9c5467bacd0b68977235aec",
+    "recommender_paper/v1": "271be062eb68fa0b852312572721aea967201cd025fcf132a7b91263ca62cb42",
 }
 """Prompt version -> sha256 of its renderings (``rendering_hash``)."""
 

@@ -140,3 +140,22 @@ def test_family_registry():
     assert prompts.image_placeholder("llama3") is None
     with pytest.raises(KeyError):
         prompts.family("gpt")
+
+
+def test_recommender_prompt_choices():
+    args = ("likes red", "Red ball", "a round red toy")
+    history = ["Old kite", "Green frog", "Blue car"]
+    paper = _text(prompts.recommender_chat("paper", *args, False, history_titles=history))
+    summary = _text(prompts.recommender_chat("summary", *args, False, history_titles=history))
+    recent = _text(
+        prompts.recommender_chat("history", *args, False, history_titles=history, history_n=2)
+    )
+    assert "a round red toy" not in paper and "Green frog" not in paper
+    assert "a round red toy" in summary and "Green frog" not in summary
+    assert "a round red toy" not in recent and "Old kite" not in recent
+    assert recent.index("Green frog") < recent.index("Blue car") < recent.index("Red ball")
+    assert summary == _text(prompts.recommender_messages(*args, False))
+    versions = {prompts.recommender_template(p) for p in prompts.RECOMMENDER_PROMPTS}
+    assert len({prompts.prompt_version(v) for v in versions}) == 3
+    with pytest.raises(ValueError, match="train.prompt"):
+        prompts.recommender_template("tallrec")

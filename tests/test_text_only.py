@@ -66,6 +66,38 @@ def test_text_model_gets_a_tokenizer_and_answer_only_labels(tiny_text):
     assert "a red ball" in text
 
 
+@pytest.mark.parametrize("style", ["paper", "summary", "history"])
+def test_training_and_scoring_build_the_same_prompt_for_each_prompt_choice(tiny_text, style):
+    """The scorer reads the position the training collator supervises, on the same token ids,
+    for every ``train.prompt``; each choice shows what it promises and nothing else."""
+    import dataclasses
+
+    from mllm_msr import families
+    from mllm_msr.stages.collate import recommender_collator
+
+    train = dataclasses.replace(TEXT_TRAIN, prompt=style, prompt_history=2)
+    fam = families.resolve(tiny_text, train.family)
+    trainer_side = recommender_collator(families.load_processor(tiny_text, fam), train, fam)
+    scorer = YesNoScorer("tiny:qwen2", None, train, share_prefix=style == "history")
+    history = ["an old kite", "a green frog", "a blue car"]
+    rows = [{**r, "history_titles": history} for r in _rows(1, 3)]
+    scores = scorer.score_rows(rows)
+    for row, score in zip(rows, scores):
+        enc = trainer_side.encode(row)
+        n_prompt = int((enc["labels"][0] != IGNORE_INDEX).nonzero()[0, 0])
+        prompt_ids = enc["input_ids"][:, :n_prompt]
+        assert torch.equal(prompt_ids, scorer.collator.encode(row)["input_ids"][:, :n_prompt])
+        text = trainer_side.tokenizer.decode(prompt_ids[0])
+        if row["summary"]:
+            assert (row["summary"] in text) == (style == "summary")
+        assert ("a green frog" in text) == (style == "history")
+        assert "an old kite" not in text  # prompt_history=2 keeps the two most recent
+        with torch.inference_mode():
+            logits = scorer.model(input_ids=prompt_ids).logits[0, -1].float()
+        pair = torch.softmax(torch.stack([logits[scorer.yes_id], logits[scorer.no_id]]), 0)
+        assert score == pytest.approx(pair[0].item(), abs=1e-5)
+
+
 def test_text_only_scores_match_a_forward_pass_and_prefix_sharing(tiny_text):
     scorer = YesNoScorer("tiny:qwen2", None, TEXT_TRAIN, micro_batch=3)
     rows = _rows(2, 5)
@@ -143,3 +175,23 @@ def test_text_only_lora_training_and_scoring(ray_local, tmp_path, tiny_text):
     assert not np.allclose(base, tuned, atol=1e-3)  # the adapter is applied when scoring
     # the prefix cache path goes through the peft-wrapped model unchanged
     np.testing.assert_allclose(shared.score_rows(rows), tuned, atol=1e-5)
+
+
+def test_history_prompt_drops_its_oldest_titles_before_cutting_the_preference(tiny_text):
+    import dataclasses
+
+    from mllm_msr import families
+    from mllm_msr.stages.collate import recommender_collator
+
+    fam = families.resolve(tiny_text, "qwen2")
+    processor = families.load_processor(tiny_text, fam)
+    history = [f"title number {i} " + "with many words " * 6 for i in range(5)]
+    row = {**_rows(1, 1)[0], "history_titles": history}
+    roomy = dataclasses.replace(TEXT_TRAIN, prompt="history", max_length=2048)
+    full = recommender_collator(processor, roomy, fam).encode(row)["input_ids"].shape[1]
+    tight = recommender_collator(processor, dataclasses.replace(roomy, max_length=full - 20), fam)
+    enc = tight.encode(row)
+    text = tight.tokenizer.decode(enc["input_ids"][0])
+    assert enc["input_ids"].shape[1] <= full - 20 and tight.shortened == 1
+    assert "title number 0" not in text and "title number 4" in text
+    assert row["preference"] in text  # the preference is not cut while titles remain

@@ -199,3 +199,58 @@ class TestTextLLM:
             text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
             ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
             _check_scores(model, {"input_ids": ids}, yes, no, got_base, got_tuned)
+
+
+@pytest.mark.timeout(300)
+def test_vllm_scorer_matches_the_transformers_scorer_on_collator_token_ids(tmp_path):
+    """``evaluate.engine: vllm`` scores the collator's token ids with the LoRA adapter: the
+    same scores as the transformers scorer (fp32) and the same ranking metrics."""
+    import numpy as np
+    import pyarrow as pa
+    from transformers import AutoModelForCausalLM
+
+    from mllm_msr.config import EvaluateConfig, TrainConfig
+    from mllm_msr.metrics import evaluate_scores
+    from mllm_msr.stages.score import VLLMYesNoScorer, YesNoScorer
+    from mllm_msr.tiny import resolve_model
+
+    train = TrainConfig(
+        model="tiny:qwen2", family="qwen2", multimodal=False, max_length=256, prompt="history"
+    )
+    _, adapter = _random_lora(AutoModelForCausalLM, resolve_model("tiny:qwen2"), tmp_path / "a")
+    colors = ["red", "blue", "green", "gold", "pink"]
+    rows = [
+        {
+            "user_id": f"u{u}",
+            "item_id": f"i{u}-{k}",
+            "label": int(k == u % 5),
+            "preference": f"The user appears to have a preference for {colors[u]} things.",
+            "title": f"a {colors[k]} {['ball', 'kite', 'box'][(u + k) % 3]}",
+            "summary": "",
+            "history_titles": [f"a {colors[(u + j) % 5]} hat" for j in range(u + 1)],
+        }
+        for u in range(4)
+        for k in range(5)
+    ]
+    want = YesNoScorer("tiny:qwen2", str(adapter), train).score_rows(rows)
+    scorer = VLLMYesNoScorer("tiny:qwen2", str(adapter), train, EvaluateConfig())
+    try:
+        got = scorer.score_rows(rows)
+    finally:
+        scorer.close()
+    assert np.all((got > 0) & (got < 1))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+    def table(scores):
+        return pa.table(
+            {
+                "user_id": [r["user_id"] for r in rows],
+                "item_id": [r["item_id"] for r in rows],
+                "label": [r["label"] for r in rows],
+                "score": scores,
+            }
+        )
+
+    a, b = evaluate_scores(table(got), ks=[1, 3]), evaluate_scores(table(want), ks=[1, 3])
+    for name in ("auc", "hr@1", "hr@3", "mrr@3"):
+        assert a[name] == pytest.approx(b[name], abs=1e-9), name

@@ -259,8 +259,14 @@ def offloads_optimizer(train: TrainConfig) -> bool:
     return train.zero.offload_optimizer or train.zero.offload_params
 
 
-def initialize(model: torch.nn.Module, train: TrainConfig, world_size: int) -> Any:
-    """Wrap ``model`` (its trainable parameters) in a DeepSpeed engine and return the engine."""
+def initialize(
+    model: torch.nn.Module, train: TrainConfig, world_size: int, lr_scheduler: Any = None
+) -> Any:
+    """Wrap ``model`` (its trainable parameters) in a DeepSpeed engine and return the engine.
+
+    ``lr_scheduler``: a callable ``optimizer -> scheduler`` (DeepSpeed builds it on the
+    optimizer it ends up with, its own one under ZeRO offload), stepped at every optimizer step
+    and saved in the checkpoints."""
     ensure_ops()  # before deepspeed.initialize -> init_distributed -> TorchBackend loads the op
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
@@ -272,6 +278,7 @@ def initialize(model: torch.nn.Module, train: TrainConfig, world_size: int) -> A
         model=model,
         model_parameters=params,
         optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
         config=build_config(train, world_size),
     )
     return engine

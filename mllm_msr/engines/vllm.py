@@ -332,6 +332,40 @@ class VLLMEngine:
             scores.append(1.0 / (1.0 + math.exp(diff)) if diff < 700 else 0.0)
         return scores
 
+    def score_yes_no_token_ids(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        yes_no: tuple[int, int],
+        lora_path: str | os.PathLike | None = None,
+    ) -> list[float]:
+        """``p(Yes) / (p(Yes) + p(No))`` of the next token after each prompt, given as token ids
+        (the recommender collator's encoding, so the template cannot drift from training).
+
+        ``SamplingParams(logprob_token_ids=[yes, no])`` returns the log-probabilities of exactly
+        these two ids at the first generated position, both always present, computed from the
+        raw model logits (vLLM's default ``logprobs_mode``: raw, before any sampling
+        processing); the score is their two-way softmax. Text-only prompts (no image data).
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not prompt_token_ids:
+            return []
+        yes, no = yes_no
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[yes, no])
+        inputs = [TokensPrompt(prompt_token_ids=[int(t) for t in ids]) for ids in prompt_token_ids]
+        outputs = self.llm.generate(
+            inputs, params, use_tqdm=False, lora_request=self._lora_request(lora_path)
+        )
+        scores = []
+        for o in outputs:
+            first = o.outputs[0].logprobs[0]
+            if yes not in first or no not in first:
+                raise RuntimeError(f"vLLM returned logprobs for {sorted(first)}, not {[yes, no]}")
+            diff = first[no].logprob - first[yes].logprob
+            scores.append(1.0 / (1.0 + math.exp(diff)) if diff < 700 else 0.0)
+        return scores
+
     def close(self) -> None:
         """Release the engine (memory, KV cache). The object is unusable afterwards."""
         if self._llm is None:

@@ -8,10 +8,11 @@ exactly the one the scorer reads (the first answer token's logits after the prom
 Images are resized to a fixed square (``TrainConfig.image_size``, rounded to the family's image
 grid), so every image costs the same number of tokens (the family's
 :attr:`~mllm_msr.families.Family.image_tokens` rule). When a sample is longer than
-``max_length``, the preference text is shortened (then the item summary, if the preference alone
-is not enough); image tokens and the answer are never cut. :attr:`RecommenderCollator.shortened`
-counts the shortened samples. A ``max_length`` that cannot hold the template, one image and the
-answer fails when the collator is built (before any model is loaded), naming the settings.
+``max_length``, the ``history`` prompt's titles are dropped (oldest first), then the preference
+text is shortened (then the item summary, if the preference alone is not enough); image tokens
+and the answer are never cut. :attr:`RecommenderCollator.shortened` counts the shortened samples.
+A ``max_length`` that cannot hold the template, one image and the answer fails when the collator
+is built (before any model is loaded), naming the settings.
 """
 
 from __future__ import annotations
@@ -44,6 +45,21 @@ def load_image(data: bytes, side: int) -> Image.Image:
         return img.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
 
 
+def recommender_collator(processor: Any, train: Any, family: families.Family | None = None):
+    """The collator of ``train`` (a :class:`~mllm_msr.config.TrainConfig`): the one encoder
+    that training (:func:`mllm_msr.stages.train.train_loop`) and scoring
+    (:class:`mllm_msr.stages.score.YesNoScorer`) both build, so their prompts cannot differ."""
+    return RecommenderCollator(
+        processor,
+        train.max_length,
+        train.image_size,
+        with_image=train.multimodal,
+        family=family,
+        prompt=train.prompt,
+        history_n=train.prompt_history,
+    )
+
+
 class RecommenderCollator:
     """Encode and pad SFT samples (dicts with ``preference``, ``title``, ``summary``, ``image``,
     ``label``) into a batch for the recommender's forward pass.
@@ -55,6 +71,9 @@ class RecommenderCollator:
         with_image: give the candidate image to the model (False: text-only prompts).
         family: the model's :class:`~mllm_msr.families.Family` (its image sizing rule); None
             applies the patch x merge rule of the processor.
+        prompt: the recommender prompt (``train.prompt``, :data:`mllm_msr.prompts.
+            RECOMMENDER_PROMPTS`); ``history_n``: history titles the ``history`` prompt lists
+            (``train.prompt_history``).
     """
 
     def __init__(
@@ -64,7 +83,12 @@ class RecommenderCollator:
         image_size: int,
         with_image: bool = True,
         family: families.Family | None = None,
+        prompt: str = "summary",
+        history_n: int = 5,
     ):
+        prompts.recommender_template(prompt)  # an unknown prompt fails here, not per sample
+        self.prompt = prompt
+        self.history_n = history_n
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_length = max_length
@@ -124,8 +148,14 @@ class RecommenderCollator:
         ]
 
     def _encode_prompt(self, fields: dict[str, str], image: Image.Image | None) -> dict:
-        messages = prompts.recommender_messages(
-            fields["preference"], fields["title"], fields["summary"], with_image=image is not None
+        messages = prompts.recommender_chat(
+            self.prompt,
+            fields["preference"],
+            fields["title"],
+            fields["summary"],
+            with_image=image is not None,
+            history_titles=fields.get("history_titles"),
+            history_n=self.history_n,
         )
         templater = (
             self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
@@ -155,12 +185,23 @@ class RecommenderCollator:
             "preference": sample.get("preference") or "",
             "title": sample.get("title") or "",
             "summary": sample.get("summary") or "",
+            # only what the prompt shows: the history prompt's most recent titles
+            "history_titles": list(sample.get("history_titles") or [])[-self.history_n :]
+            if self.prompt == "history" and self.history_n
+            else [],
         }
         data = sample.get("image")
         image = load_image(data, self.side) if self.with_image and data else None
         answer = self.answer_ids(sample["label"])
         enc = self._encode_prompt(fields, image)
         shortened = False
+        # The history prompt's titles go first, oldest first (the preference summarizes them).
+        while (
+            enc["input_ids"].shape[1] + len(answer) > self.max_length and fields["history_titles"]
+        ):
+            fields["history_titles"] = fields["history_titles"][1:]
+            enc = self._encode_prompt(fields, image)
+            shortened = True
         for name in SHORTENABLE_FIELDS:
             while enc["input_ids"].shape[1] + len(answer) > self.max_length and fields[name]:
                 excess = enc["input_ids"].shape[1] + len(answer) - self.max_length

@@ -82,7 +82,7 @@ class YesNoScorer:
     ) -> None:
         import torch
 
-        from mllm_msr.stages.collate import RecommenderCollator
+        from mllm_msr.stages.collate import recommender_collator
         from mllm_msr.tiny import resolve_model
 
         path = resolve_model(model)
@@ -90,9 +90,7 @@ class YesNoScorer:
         fam = families.resolve(path, train.family, "train.family")
         self.model = load_recommender(path, adapter, precision, fam).to(self.device)
         processor = load_processor(path, fam)
-        self.collator = RecommenderCollator(
-            processor, train.max_length, train.image_size, with_image=train.multimodal, family=fam
-        )
+        self.collator = recommender_collator(processor, train, fam)
         # The ids training supervises (raises when Yes and No share a first token).
         self.yes_id, self.no_id = prompts.answer_token_ids(self.collator.tokenizer)
         self.micro_batch = micro_batch
@@ -213,6 +211,95 @@ class YesNoScorer:
         return keep.append_column("score", pa.array(scores, pa.float64()))
 
 
+class VLLMYesNoScorer:
+    """:class:`YesNoScorer`'s contract on vLLM (``evaluate.engine: vllm``), text-only models.
+
+    Rows are encoded by the training collator (:func:`~mllm_msr.stages.collate.
+    recommender_collator`) and the prompt's token ids (everything before the supervised answer)
+    go to vLLM as they are, so the template, truncation and special tokens are training's. The
+    score is ``p(Yes) / (p(Yes) + p(No))`` from the two answer tokens' log-probabilities
+    (:meth:`~mllm_msr.engines.vllm.VLLMEngine.score_yes_no_token_ids`); the adapter is applied
+    per request (``enable_lora`` + ``LoRARequest``). The first candidate of every user is scored
+    before the others, so the others find the user's prefix in vLLM's prefix cache.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        adapter: str | None,
+        train: TrainConfig,
+        evaluate: EvaluateConfig,
+        cache_dir: str | None = None,
+    ) -> None:
+        import contextlib
+
+        from mllm_msr.config import EngineConfig
+        from mllm_msr.engines.vllm import VLLMEngine
+        from mllm_msr.runtime import local_copy
+        from mllm_msr.stages.collate import recommender_collator
+        from mllm_msr.tiny import resolve_model
+
+        path = resolve_model(model, cache_dir)
+        fam = families.resolve(path, train.family, "train.family")
+        if fam.multimodal and train.multimodal:
+            raise ValueError(
+                "evaluate.engine: vllm scores text-only recommenders (train.multimodal: false); "
+                f"{model} is multimodal: set evaluate.engine: transformers"
+            )
+        self.collator = recommender_collator(load_processor(path, fam), train, fam)
+        self.yes_no = prompts.answer_token_ids(self.collator.tokenizer)
+        self._stack = contextlib.ExitStack()
+        self.adapter = self._stack.enter_context(local_copy(adapter)) if adapter else None
+        rank = next(r for r in (8, 16, 32, 64, 128, 256) if r >= train.lora.r)
+        self.engine = VLLMEngine(
+            EngineConfig(
+                model=model,
+                family=train.family,
+                dtype="bfloat16" if evaluate.precision == "bf16" else "float32",
+                max_model_len=train.max_length,
+                max_num_seqs=evaluate.vllm_max_num_seqs,
+                enable_prefix_caching=True,
+                cpu_kvcache_space_gib=evaluate.vllm_kvcache_gib,
+                enable_lora=adapter is not None,
+                max_lora_rank=rank,
+                gpu_memory_utilization=0.85,
+            ),
+            cache_dir,
+        )
+
+    def prompt_ids(self, row: dict) -> list[int]:
+        enc = self.collator.encode({**row, "label": 1})
+        n_prompt = int((enc["labels"][0] != -100).nonzero()[0, 0])
+        return enc["input_ids"][0, :n_prompt].tolist()
+
+    def score_rows(self, rows: list[dict]) -> np.ndarray:
+        ids = [self.prompt_ids(r) for r in rows]
+        seen: set = set()
+        first = [
+            i
+            for i, r in enumerate(rows)
+            if not (r.get("user_id") in seen or seen.add(r.get("user_id")))
+        ]
+        rest = [i for i in range(len(rows)) if i not in set(first)]
+        out = np.empty(len(rows), dtype=np.float64)
+        for part in (first, rest):
+            if part:
+                got = self.engine.score_yes_no_token_ids(
+                    [ids[i] for i in part], self.yes_no, self.adapter
+                )
+                out[part] = got
+        return out
+
+    def close(self) -> None:
+        self.engine.close()
+        self._stack.close()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        scores = self.score_rows(batch.to_pylist())
+        keep = batch.select(["user_id", "item_id", "label"])
+        return keep.append_column("score", pa.array(scores, pa.float64()))
+
+
 def score_samples(
     samples: pa.Table,
     model: str,
@@ -228,15 +315,14 @@ def score_samples(
 
     t0 = time.perf_counter()
     pool = evaluate.pool
+    if evaluate.engine == "vllm":
+        scorer, kwargs = VLLMYesNoScorer, {"evaluate": evaluate}
+    else:
+        scorer = YesNoScorer
+        kwargs = {"precision": evaluate.precision, "share_prefix": evaluate.share_prefix}
     ds = ray.data.from_arrow(samples).map_batches(
-        YesNoScorer,
-        fn_constructor_kwargs={
-            "model": model,
-            "adapter": adapter,
-            "train": train,
-            "precision": evaluate.precision,
-            "share_prefix": evaluate.share_prefix,
-        },
+        scorer,
+        fn_constructor_kwargs={"model": model, "adapter": adapter, "train": train, **kwargs},
         batch_size=pool.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pool.concurrency),

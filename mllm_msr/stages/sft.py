@@ -34,6 +34,7 @@ SFT_SAMPLES = pa.schema(
         ("title", pa.string()),
         ("summary", pa.string()),
         ("image", pa.binary()),  # the candidate's first normalized image; null when none
+        ("history_titles", pa.list_(pa.string())),  # the user's history titles, oldest first
     ]
 )
 """Columns of the in-memory SFT table handed to Ray Train."""
@@ -148,6 +149,7 @@ def build_sft_samples(
             fallback_users.add(user)
         image = images.get(item)
         no_image += image is None
+        history_titles = [titles.get(h) or "" for h in histories.get(user) or []]
         for k, v in zip(
             SFT_SAMPLES.names,
             (
@@ -160,6 +162,7 @@ def build_sft_samples(
                 titles[item],
                 summaries.get(item, ""),
                 image,
+                history_titles,
             ),
         ):
             rows[k].append(v)
@@ -197,8 +200,13 @@ def swap_preferences(samples: pa.Table, seed: int) -> pa.Table:
     derangement of the users), candidates and labels unchanged: the counterfactual that tells
     whether a recommender reads its user (its AUC should drop)."""
     users = sorted(set(samples["user_id"].to_pylist()))
-    pref_of = dict(zip(samples["user_id"].to_pylist(), samples["preference"].to_pylist()))
     other = dict(zip(users, (users[j] for j in derangement(len(users), seed))))
-    swapped = [pref_of[other[u]] for u in samples["user_id"].to_pylist()]
-    index = samples.schema.get_field_index("preference")
-    return samples.set_column(index, "preference", pa.array(swapped, pa.string()))
+    out = samples
+    for column in ("preference", "history_titles"):  # everything the prompt knows of the user
+        if column not in samples.column_names:
+            continue
+        of = dict(zip(samples["user_id"].to_pylist(), samples[column].to_pylist()))
+        swapped = [of[other[u]] for u in samples["user_id"].to_pylist()]
+        index = out.schema.get_field_index(column)
+        out = out.set_column(index, column, pa.array(swapped, samples.schema.field(column).type))
+    return out

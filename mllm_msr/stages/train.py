@@ -2,11 +2,12 @@
 
 Driver (:func:`run_train`): builds the SFT samples (:mod:`mllm_msr.stages.sft`) from the run
 directory's tables, hands them to Ray Train as Ray Data datasets (``train`` split across workers,
-``val`` for the evaluation loss), runs the trainer, copies the final adapter to
+``val``: the 1:1 validation set of :func:`validation_pairs`), runs the trainer, copies the final adapter to
 ``<run_dir>/adapter/`` (a peft folder; merged full weights to ``<run_dir>/merged/`` when
 ``train.merge_adapter``) and writes the stage marker.
 
-Workers (:func:`train_loop`): LoRA-wrap the model (vision tower + projector frozen unless
+Workers (:func:`train_loop`, the steps in :class:`_Worker`: build, resume, micro-step, validate,
+checkpoint, export; fault injection behind :func:`_fault_hook`): LoRA-wrap the model (vision tower + projector frozen unless
 ``lora.train_vision``), ``deepspeed.initialize`` with the ZeRO config, and loop over their data
 shard. Every ``checkpoint_every`` optimizer steps and at the end every rank saves its shard of the
 trainable state (DeepSpeed checkpoint, frozen base weights excluded) into a
@@ -14,7 +15,11 @@ trainable state (DeepSpeed checkpoint, frozen base weights excluded) into a
 fixed name, so re-running (after a crash, or with a larger ``max_steps``) continues from the latest
 checkpoint (``ray.train.get_checkpoint()``), and ``FailureConfig(max_failures)`` restarts a run
 whose worker died from its last checkpoint. A resumed epoch skips the micro-batches it already
-trained on.
+trained on. The learning rate follows ``train.lr_scheduler`` after ``train.warmup_ratio`` of
+the steps of warmup. Every ``train.eval_every`` steps (default: every epoch) and at the end the
+ranks compute the validation loss and AUC; ``train.select_best`` exports the adapter of the best
+AUC (kept in every checkpoint, so it survives restarts), ``train.early_stopping_patience`` stops
+after that many validations without improvement.
 
 Loss history, step count and the number of shortened samples live in the checkpoint, so they
 survive restarts; the stage summary reports them.
@@ -31,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -44,6 +50,8 @@ RUN_NAME = "recommender"
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 STATE_FILE = "mllm_msr_state.json"
+BEST_DIR = "best_adapter"
+"""In a checkpoint: the adapter of the best validation AUC so far (``train.select_best``)."""
 FINGERPRINT_FILE = "train/fingerprint.json"
 """What the checkpoints under ``train/`` were trained on (see :func:`checkpoint_fingerprint`)."""
 HOLD_ENV = "MLLM_MSR_TRAIN_HOLD_AT_STEP"
@@ -111,6 +119,29 @@ def checkpoint_fingerprint(train: TrainConfig, samples: pa.Table) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def validation_pairs(val_rows: pa.Table, seed: int, max_rows: int) -> pa.Table:
+    """The 1:1 validation set: per validation user (sorted), the positive and one of its
+    negatives drawn with ``seed``; at most ``max_rows`` rows (whole pairs). A validation AUC on
+    it measures ranking, where a 1:20 validation loss mostly measures the "No" prior."""
+    if val_rows.num_rows == 0 or max_rows < 2:
+        return val_rows.slice(0, 0)
+    rng = np.random.default_rng(seed)
+    users = val_rows["user_id"].to_pylist()
+    labels = val_rows["label"].to_pylist()
+    pos: dict[str, int] = {}
+    neg: dict[str, list[int]] = {}
+    for i, (u, lab) in enumerate(zip(users, labels)):
+        if lab:
+            pos.setdefault(u, i)
+        else:
+            neg.setdefault(u, []).append(i)
+    take: list[int] = []
+    for u in sorted(pos):
+        if u in neg and len(take) + 2 <= max_rows:
+            take += [pos[u], neg[u][int(rng.integers(len(neg[u])))]]
+    return val_rows.take(pa.array(take, pa.int64()))
+
+
 def _shuffled(table: pa.Table, seed: int) -> pa.Table:
     import numpy as np
 
@@ -130,12 +161,13 @@ def run_train(
     ``fresh`` deletes earlier checkpoints of this run first. Otherwise training resumes from
     the latest checkpoint only when it was made from the same samples and settings
     (:func:`checkpoint_fingerprint`); checkpoints of anything else are removed and training
-    starts over. The exported adapter of an earlier run stays until the new one replaces it. ``fail_once_at_step`` is fault injection for tests: the last rank's process exits
-    once when it reaches that optimizer step (a flag file in the run directory makes it
-    once), and ``FailureConfig`` restarts the run from the last checkpoint. With the
-    environment variable ``MLLM_MSR_TRAIN_HOLD_AT_STEP=N`` (tests: a node removed while
-    training runs), rank 0 writes ``train/_hold`` once after the step-N checkpoint and waits
-    up to ``MLLM_MSR_TRAIN_HOLD_S`` (60) seconds before going on.
+    starts over. The exported adapter of an earlier run stays until the new one replaces it.
+    ``fail_once_at_step`` is fault injection for tests: the last rank's process exits once
+    when it reaches that optimizer step (a flag file in the run directory makes it once), and
+    ``FailureConfig`` restarts the run from the last checkpoint. With the environment variable
+    ``MLLM_MSR_TRAIN_HOLD_AT_STEP=N`` (tests: a node removed while training runs), rank 0 writes
+    ``train/_hold`` once after the step-N checkpoint and waits up to ``MLLM_MSR_TRAIN_HOLD_S``
+    (60) seconds before going on.
     """
     import ray.data
     import ray.train
@@ -183,10 +215,10 @@ def run_train(
         hf_hub_offline=cfg.hf_hub_offline,
     )
     datasets = {"train": ray.data.from_arrow(_shuffled(train_rows, train.seed))}
-    eval_rows = min(val_rows.num_rows, train.eval_samples)
-    eval_rows -= eval_rows % train.num_workers
-    if eval_rows >= train.num_workers:
-        datasets["val"] = ray.data.from_arrow(val_rows.slice(0, eval_rows))
+    val_pairs = validation_pairs(val_rows, train.seed, train.eval_samples)
+    eval_rows = val_pairs.num_rows - val_pairs.num_rows % train.num_workers
+    if eval_rows >= train.num_workers and eval_rows >= 2:
+        datasets["val"] = ray.data.from_arrow(val_pairs.slice(0, eval_rows))
 
     loop_config = {
         "train": train,
@@ -270,6 +302,12 @@ def run_train(
         "final_loss": losses[-1][1] if losses else None,
         "losses": losses,
         "val_loss": state.get("val_loss"),
+        "val_auc": state.get("val_auc"),
+        "validations": state.get("validations"),
+        "best_validation": state.get("best"),
+        "exported_step": state.get("exported_step"),
+        "phase_seconds": state.get("phase_seconds"),
+        "learning_rates": state.get("learning_rates"),
         "shortened": state["shortened"],
         "attempts": state["attempts"],
         "nodes": state.get("nodes"),
@@ -311,6 +349,8 @@ def _export_portable_adapter(
         "first_loss": losses[0][1] if losses else None,
         "final_loss": losses[-1][1] if losses else None,
         "val_loss": state.get("val_loss"),
+        "val_auc": state.get("val_auc"),
+        "exported_step": state.get("exported_step"),
     }
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / ADAPTER_DIR
@@ -422,69 +462,334 @@ def _all_sum(value: int) -> int:
     return int(_all_reduce([float(value)])[0])
 
 
+def lr_scheduler_factory(train: TrainConfig, total_steps: int):
+    """``optimizer -> scheduler`` for ``train.lr_scheduler`` with ``train.warmup_ratio`` of
+    ``total_steps`` as linear warmup (``transformers.get_scheduler``)."""
+    from transformers import get_scheduler
+
+    warmup = int(round(train.warmup_ratio * total_steps))
+    name = train.lr_scheduler
+    if name == "constant" and warmup:
+        name = "constant_with_warmup"
+
+    def build(optimizer):
+        return get_scheduler(
+            name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1)
+        )
+
+    return build
+
+
+def _fault_hook(config: dict):
+    """The fault-injection hook of ``config["fail_once"]`` (tests): called after every optimizer
+    step with ``(rank, world, step)``; the last rank's process exits once at that step (a flag
+    file in the run directory makes it once), as on a lost node or an OOM kill."""
+    fail = config.get("fail_once")
+    if not fail:
+        return None
+
+    def hook(rank: int, world: int, step: int) -> None:
+        if rank != world - 1 or step != fail["step"]:
+            return
+        flag_run = RunDir(fail["run"])  # any run directory, local or object storage
+        if not flag_run.exists(fail["flag"]):
+            flag_run.write_json(fail["flag"], {"step": step})
+            print(f"[train] rank {rank}: injected worker death at step {step}")
+            os._exit(1)
+
+    return hook
+
+
+PHASES = ("data", "collate", "forward", "backward", "optimizer")
+"""Where a worker's step time goes (``state["phase_seconds"]``, summed over micro-batches)."""
+
+
+class _Worker:
+    """One rank's training: :meth:`build` (model, LoRA, DeepSpeed engine, collator),
+    :meth:`resume` (the latest Ray Train checkpoint), :meth:`micro_step` (one micro-batch),
+    :meth:`validate` (loss and AUC on the 1:1 validation set), :meth:`checkpoint` and
+    :meth:`export` (the peft adapter: the last one, or the best-validated one)."""
+
+    def __init__(self, config: dict):
+        import ray.train
+
+        self.config = config
+        self.train: TrainConfig = config["train"]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.fault = _fault_hook(config)
+        self.phase = dict.fromkeys(PHASES, 0.0)
+        self.best_dir = Path(tempfile.mkdtemp(prefix="mllm_msr_best_"))
+        """This rank's copy of the best-validated adapter (rank 0 writes it)."""
+        self.state: dict[str, Any] = {
+            "step": 0,
+            "epoch": 0,
+            "epoch_step": 0,
+            "losses": [],
+            "shortened": 0,
+            "attempts": 0,
+            "resumed_from": [],
+            "fingerprint": config["fingerprint"],
+            "validations": [],
+            "best": None,
+            "stale_validations": 0,
+        }
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> None:
+        import torch
+
+        from mllm_msr import prompts
+        from mllm_msr.engines import deepspeed as ds
+        from mllm_msr.engines import peft as lora
+        from mllm_msr.stages.collate import recommender_collator
+        from mllm_msr.tiny import resolve_model
+
+        train = self.train
+        torch.manual_seed(train.seed)
+        model_path = resolve_model(train.model, self.config["cache_dir"])
+        fam = families.resolve(model_path, train.family, "train.family")
+        processor = families.load_processor(model_path, fam)
+        # Built before the model: a max_length that cannot hold an image fails here, naming it.
+        self.collator = recommender_collator(processor, train, fam)
+        model = lora.apply_lora(_load_model(model_path, ds.use_bf16(train), fam), train.lora, fam)
+        torch.manual_seed(train.seed + self.rank)  # dropout differs per rank
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.total = sum(p.numel() for p in model.parameters())
+        scheduler = lr_scheduler_factory(train, self.config["total_steps"])
+        self.engine = ds.initialize(model, train, self.world, lr_scheduler=scheduler)
+        self.frozen_before = _frozen_checksum(self.engine.module)
+        self.yes_id, self.no_id = prompts.answer_token_ids(self.collator.tokenizer)
+
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> None:
+        import shutil
+
+        import ray
+        import ray.train
+
+        from mllm_msr.engines import deepspeed as ds
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                saved = json.loads((Path(d) / STATE_FILE).read_text())
+                if saved["fingerprint"] != self.state["fingerprint"]:
+                    raise ValueError(
+                        "checkpoint in the run's train/ folder was made with "
+                        f"{saved['fingerprint']}, not {self.state['fingerprint']}: rerun with "
+                        "--force train"
+                    )
+                ds.load_checkpoint(self.engine, d)
+                if (Path(d) / BEST_DIR).is_dir():
+                    shutil.rmtree(self.best_dir)
+                    shutil.copytree(Path(d) / BEST_DIR, self.best_dir)
+            self.state.update(saved)
+            self.state["resumed_from"].append(self.state["step"])
+        self.state["attempts"] += 1
+        # the Ray node of every rank, per attempt (a restart after a lost node runs elsewhere)
+        node = ray.get_runtime_context().get_node_id()
+        self.state.setdefault("nodes", []).append(_all_gather(node))
+
+    # ------------------------------------------------------------------ step
+    def micro_step(self, rows: list[dict], t_fetch: float) -> tuple[float, bool]:
+        """Forward, backward and (at an accumulation boundary) optimizer step on one
+        micro-batch; returns the loss and whether an optimizer step happened."""
+        clock = time.perf_counter
+        t0 = clock()
+        self.phase["data"] += t0 - t_fetch
+        batch = {k: v.to(self.engine.device) for k, v in self.collator(rows).items()}
+        t1 = clock()
+        loss = answer_loss(self.engine, batch)
+        t2 = clock()
+        self.engine.backward(loss)
+        t3 = clock()
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        t4 = clock()
+        for name, dt in zip(PHASES[1:], (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            self.phase[name] += dt
+        return float(loss.detach()), boundary
+
+    def after_step(self) -> None:
+        if self.fault is not None:
+            self.fault(self.rank, self.world, self.state["step"])
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> dict | None:
+        """Mean answer loss and AUC of p(Yes)/(p(Yes)+p(No)) over the ``val`` shards (1:1:
+        one positive and one sampled negative per validation user); collective. Records the
+        result, and with ``train.select_best`` keeps the adapter of the best AUC."""
+        import ray.train
+        import torch
+
+        from mllm_msr.metrics import auc
+
+        if not self.config["has_val"]:
+            return None
+        self.engine.eval()
+        losses, scored = [], []
+        with torch.no_grad():
+            for rows in _Shard(
+                ray.train.get_dataset_shard("val"), self.train.micro_batch_size, drop_last=False
+            ):
+                batch = {k: v.to(self.engine.device) for k, v in self.collator(rows).items()}
+                loss, scores = answer_loss_and_scores(self.engine, batch, self.yes_id, self.no_id)
+                losses.append(float(loss))
+                scored += [(float(s), int(r["label"])) for s, r in zip(scores, rows)]
+        self.engine.train()
+        val_loss, _ = _all_mean(losses)
+        pairs = [p for part in _all_gather(scored) for p in part]
+        labels = np.array([lab for _, lab in pairs])
+        value = (
+            float(auc(labels, np.array([s for s, _ in pairs])))
+            if 0 < labels.sum() < len(labels)
+            else float("nan")
+        )
+        result = {
+            "step": self.state["step"],
+            "loss": None if math.isnan(val_loss) else round(val_loss, 6),
+            "auc": None if math.isnan(value) else round(value, 6),
+            "rows": len(pairs),
+        }
+        self.state["validations"].append(result)
+        best = self.state["best"]
+        if result["auc"] is not None and (best is None or result["auc"] > best["auc"]):
+            self.state["best"] = result
+            self.state["stale_validations"] = 0
+            if self.train.select_best:
+                import shutil
+
+                shutil.rmtree(self.best_dir, ignore_errors=True)
+                _export_adapter(self.engine, self.train, self.best_dir, self.rank)
+        else:
+            self.state["stale_validations"] += 1
+        return result
+
+    def should_stop(self) -> bool:
+        patience = self.train.early_stopping_patience
+        return bool(patience) and self.state["stale_validations"] >= patience
+
+    # ------------------------------------------------------------------ checkpoint / export
+    def checkpoint(self, final: bool, metrics: dict) -> None:
+        """Every rank saves its shard into one ``ray.train.Checkpoint`` (collective); the
+        final one also holds the exported adapter (:meth:`export`)."""
+        import shutil
+
+        import ray.train
+
+        from mllm_msr.engines import deepspeed as ds
+
+        state = self.state
+        state["shortened"] += _all_sum(self.collator.shortened)  # collective: every rank saves
+        self.collator.shortened = 0
+        state["phase_seconds"] = {k: round(v, 3) for k, v in self.phase.items()}
+        with tempfile.TemporaryDirectory() as tmp:
+            ds.save_checkpoint(self.engine, tmp, client_state={})
+            if final:
+                self.export(Path(tmp) / ADAPTER_DIR)
+            if self.rank == 0:
+                if (self.best_dir / "adapter_config.json").exists():
+                    shutil.copytree(self.best_dir, Path(tmp) / BEST_DIR)
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def export(self, out: Path) -> None:
+        """The adapter to ship: the best-validated one (``train.select_best``, when a
+        validation ran), else the last weights (collective)."""
+        import shutil
+
+        best = self.state.get("best")
+        use_best = self.train.select_best and best is not None
+        self.state["exported_step"] = best["step"] if use_best else self.state["step"]
+        if use_best:
+            if self.rank == 0:
+                shutil.copytree(self.best_dir, out)
+        else:
+            _export_adapter(self.engine, self.train, out, self.rank)
+
+    def finish(self, step_times: list[float]) -> None:
+        """The final statistics (collective)."""
+        from mllm_msr.engines import deepspeed as ds
+
+        self.state["rank_state_bytes"] = _all_gather(ds.rank_state_bytes(self.engine))
+        last = self.state["validations"][-1] if self.state["validations"] else None
+        if last is None or last["step"] != self.state["step"]:
+            last = self.validate()
+        self.state["val_loss"] = last["loss"] if last else None
+        self.state["val_auc"] = last["auc"] if last else None
+        self.state.update(
+            frozen_unchanged=_all_sum(
+                int(_frozen_checksum(self.engine.module) != self.frozen_before)
+            )
+            == 0,
+            trainable_params=self.trainable,
+            total_params=self.total,
+        )
+        if step_times:
+            self.state["step_seconds"] = _median(step_times)
+
+
+def length_bucketed(pools, batch_size: int, seed: int):
+    """Micro-batches of similar lengths: each pool of rows (a list of dicts; ``length_bucket``
+    micro-batches' worth, in the shard's order) is sorted by :func:`row_length` and cut into
+    micro-batches of ``batch_size`` (an incomplete last one is dropped), taken in a seeded
+    shuffled order. Deterministic, so a resumed epoch skips the same micro-batches."""
+    rng = np.random.default_rng(seed)
+    for pool in pools:
+        rows = sorted(pool, key=row_length)
+        chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+        chunks = [c for c in chunks if len(c) == batch_size]
+        for k in rng.permutation(len(chunks)):
+            yield chunks[k]
+
+
+def _length_batches(shard, batch_size: int, bucket: int, seed: int):
+    """The training micro-batches of a Ray Data shard (:func:`length_bucketed` when
+    ``bucket > 1``), kept in lock step across ranks like :class:`_Shard`."""
+    import torch.distributed as dist
+
+    if bucket <= 1:
+        yield from _Shard(shard, batch_size)
+        return
+    pools = (
+        b.to_pylist()
+        for b in shard.iter_batches(
+            batch_size=batch_size * bucket, batch_format="pyarrow", drop_last=False
+        )
+    )
+    it = length_bucketed(pools, batch_size, seed)
+    while True:
+        batch = next(it, None)
+        if not _all_reduce([0.0 if batch is None else 1.0], dist.ReduceOp.MIN)[0]:
+            return
+        yield batch
+
+
+def row_length(row: dict) -> int:
+    """A sample's text length (characters of what the prompt shows), for length batching."""
+    return sum(len(row.get(k) or "") for k in ("preference", "title", "summary")) + sum(
+        len(t or "") for t in row.get("history_titles") or []
+    )
+
+
 def train_loop(config: dict) -> dict | None:
-    """Ray Train worker function (one per rank)."""
-    import torch
+    """Ray Train worker function (one per rank): build, resume, then epochs of micro-steps with
+    validation, checkpoints and the final export."""
+    import ray.train
 
     t_start = time.perf_counter()
     train: TrainConfig = config["train"]
     os.environ.setdefault(
         "TORCH_EXTENSIONS_DIR", str(Path(config["cache_dir"]) / "torch_extensions")
     )
-    import ray
-    import ray.train
-
-    from mllm_msr.engines import deepspeed as ds
-    from mllm_msr.engines import peft as lora
-    from mllm_msr.stages.collate import RecommenderCollator
-    from mllm_msr.tiny import resolve_model
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(train.seed)
-    model_path = resolve_model(train.model, config["cache_dir"])
-    fam = families.resolve(model_path, train.family, "train.family")
-    processor = families.load_processor(model_path, fam)
-    # Built before the model: a max_length that cannot hold an image fails here, naming it.
-    collator = RecommenderCollator(
-        processor, train.max_length, train.image_size, train.multimodal, family=fam
-    )
-    model = lora.apply_lora(_load_model(model_path, ds.use_bf16(train), fam), train.lora, fam)
-    torch.manual_seed(train.seed + rank)  # dropout differs per rank
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    engine = ds.initialize(model, train, world)
-    frozen_before = _frozen_checksum(engine.module)
-
-    state: dict[str, Any] = {
-        "step": 0,
-        "epoch": 0,
-        "epoch_step": 0,
-        "losses": [],
-        "shortened": 0,
-        "attempts": 0,
-        "resumed_from": [],
-        "fingerprint": config["fingerprint"],
-    }
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            saved = json.loads((Path(d) / STATE_FILE).read_text())
-            if saved["fingerprint"] != state["fingerprint"]:
-                raise ValueError(
-                    f"checkpoint in the run's train/ folder was made with {saved['fingerprint']}, "
-                    f"not {state['fingerprint']}: rerun with --force train"
-                )
-            ds.load_checkpoint(engine, d)
-        state.update(saved)
-        state["resumed_from"].append(state["step"])
-    state["attempts"] += 1
-    # the Ray node of every rank, per attempt (a restart after a lost node runs elsewhere)
-    state.setdefault("nodes", []).append(_all_gather(ray.get_runtime_context().get_node_id()))
-
+    worker = _Worker(config)
+    worker.build()
+    worker.resume()
+    state, engine, rank, world = worker.state, worker.engine, worker.rank, worker.world
     total_steps, per_epoch = config["total_steps"], config["steps_per_epoch"]
-    fail = config.get("fail_once")
-    device = engine.device
+    eval_every = train.eval_every or per_epoch
+    from mllm_msr.progress import Progress
     from mllm_msr.telemetry import Telemetry, learning_rate
 
     telemetry = Telemetry(
@@ -495,48 +800,32 @@ def train_loop(config: dict) -> dict | None:
     samples_per_step = train.micro_batch_size * train.grad_accum_steps * world
     window: list[float] = []
     step_times: list[float] = []
-    t_step = time.perf_counter()
-
-    def save(final: bool) -> None:
-        metrics = {
-            "step": state["step"],
-            "epoch": state["epoch"],
-            "loss": state["losses"][-1][1] if state["losses"] else None,
-        }
-        state["shortened"] += _all_sum(collator.shortened)  # collective: every rank saves
-        collator.shortened = 0
-        with tempfile.TemporaryDirectory() as tmp:
-            ds.save_checkpoint(engine, tmp, client_state={})
-            if final:
-                _export_adapter(engine, train, Path(tmp) / ADAPTER_DIR, rank)
-            if rank == 0:
-                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    from mllm_msr.progress import Progress
-
     # Rank 0 prints the progress line (Ray Train's report() reprs stay quiet, mllm_msr.console).
     progress = Progress(
         "train", total=total_steps, unit="steps", initial=state["step"], clock=time.perf_counter
     )
-    per_step = train.micro_batch_size * train.grad_accum_steps * world
     engine.train()
     cap = per_epoch * train.grad_accum_steps  # micro-batches per rank per epoch
-    while state["step"] < total_steps:
+    stopped = worker.should_stop()
+    t_step = time.perf_counter()
+    while state["step"] < total_steps and not stopped:
         skip = state["epoch_step"] * train.grad_accum_steps  # trained before a resume
-        for micro, rows in enumerate(
-            _Shard(ray.train.get_dataset_shard("train"), train.micro_batch_size)
-        ):
-            if state["step"] >= total_steps:
-                break  # every rank reaches the last step together
-            if micro < skip or micro >= cap:
-                continue  # every rank drains its shard in lock step
-            batch = {k: v.to(device) for k, v in collator(rows).items()}
-            loss = answer_loss(engine, batch)
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            window.append(float(loss.detach()))
+        batches = _length_batches(
+            ray.train.get_dataset_shard("train"),
+            train.micro_batch_size,
+            train.length_bucket,
+            seed=train.seed + 1000 * state["epoch"] + rank,
+        )
+        t_fetch = time.perf_counter()
+        for micro, rows in enumerate(batches):
+            if state["step"] >= total_steps or stopped:
+                break  # every rank reaches the last step (or the early stop) together
+            if micro < skip or micro >= cap:  # every rank drains its shard in lock step
+                t_fetch = time.perf_counter()
+                continue
+            loss, boundary = worker.micro_step(rows, t_fetch)
+            window.append(loss)
+            t_fetch = time.perf_counter()
             if not boundary:
                 continue
             state["step"] += 1
@@ -546,11 +835,13 @@ def train_loop(config: dict) -> dict | None:
             state["losses"].append([state["step"], round(mean_loss, 6)])
             now = time.perf_counter()
             step_times.append(now - t_step)
+            lr = learning_rate(engine)  # for the next step (the scheduler has stepped)
+            state.setdefault("learning_rates", []).append([state["step"], lr])
             telemetry.log(
                 state["step"],
                 **{
                     "train/loss": mean_loss,
-                    "train/learning_rate": learning_rate(engine),
+                    "train/learning_rate": lr,
                     "train/samples_per_s": samples_per_step / max(now - t_step, 1e-9),
                 },
             )
@@ -563,43 +854,40 @@ def train_loop(config: dict) -> dict | None:
                 progress.set(
                     state["step"],
                     loss=round(mean_loss, 4),
-                    **{"samples/s": round(rate * per_step, 2) if rate else "?"},
+                    **{"samples/s": round(rate * samples_per_step, 2) if rate else "?"},
                 )
-            if fail and rank == world - 1 and state["step"] == fail["step"]:
-                flag_run = RunDir(fail["run"])  # any run directory, local or object storage
-                if not flag_run.exists(fail["flag"]):
-                    flag_run.write_json(fail["flag"], {"step": state["step"]})
-                    print(f"[train] rank {rank}: injected worker death at step {state['step']}")
-                    os._exit(1)  # the process dies, as on a lost node or an OOM kill
+            worker.after_step()
             last = state["step"] >= total_steps
+            if state["step"] % eval_every == 0 and not last:
+                result = worker.validate()
+                if result is not None:
+                    telemetry.log(state["step"], **{"val/loss": result["loss"]})
+                    telemetry.log(state["step"], **{"val/auc": result["auc"]})
+                stopped = worker.should_stop()
+                if stopped and rank == 0:
+                    print(f"[train] early stop at step {state['step']}: best {state['best']}")
+            last = last or stopped
             if last or state["step"] % train.checkpoint_every == 0:
                 if last:
-                    _final_stats(engine, state, collator, train, config["has_val"])
-                    state.update(
-                        frozen_unchanged=_all_sum(
-                            int(_frozen_checksum(engine.module) != frozen_before)
-                        )
-                        == 0,
-                        trainable_params=trainable,
-                        total_params=total,
-                        step_seconds=_median(step_times),
-                    )
-                if last:
+                    worker.finish(step_times)
                     telemetry.log(state["step"], **{"val/loss": state.get("val_loss")})
                 telemetry.flush()
-                save(final=last)
+                worker.checkpoint(
+                    final=last,
+                    metrics={"step": state["step"], "epoch": state["epoch"], "loss": mean_loss},
+                )
                 _maybe_hold(config.get("hold"), state["step"], rank)
                 t_step = time.perf_counter()
             elif state["step"] % train.log_every == 0:
                 ray.train.report({"step": state["step"], "loss": mean_loss})
+            t_fetch = time.perf_counter()
         if state["step"] < total_steps or state["epoch_step"] >= per_epoch:
             state["epoch"] += 1
             state["epoch_step"] = 0
-    if state["resumed_from"] and state["resumed_from"][-1] >= total_steps and not step_times:
+    if state["resumed_from"] and not step_times and (state["step"] >= total_steps or stopped):
         # Resumed an already finished run: write the final checkpoint (adapter, state) again.
-        state.update(frozen_unchanged=True, trainable_params=trainable, total_params=total)
-        _final_stats(engine, state, collator, train, config["has_val"])
-        save(final=True)
+        worker.finish(step_times)
+        worker.checkpoint(final=True, metrics={"step": state["step"], "epoch": state["epoch"]})
     telemetry.close()
     return state if rank == 0 else None
 
@@ -644,33 +932,35 @@ def answer_loss(model, batch: dict):
     )
 
 
+def answer_loss_and_scores(model, batch: dict, yes_id: int, no_id: int):
+    """:func:`answer_loss` and, per row, ``p(yes) / (p(yes) + p(no))`` at the first answer
+    token (the score the evaluate stage reads), from one forward pass."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    target = labels[:, 1:]
+    supervised = target != -100
+    keep = supervised.any(dim=0).nonzero().squeeze(1)
+    logits = model(**inputs, logits_to_keep=keep).logits
+    if logits.shape[1] != keep.numel():
+        logits = logits[:, keep]
+    picked = target[:, keep].to(logits.device)
+    logits = logits.float()
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), picked.reshape(-1), ignore_index=-100
+    )
+    first = supervised.int().argmax(dim=1)  # the position predicting the first answer token
+    column = torch.searchsorted(keep, first.to(keep.device))
+    rows = torch.arange(labels.shape[0], device=logits.device)
+    at = logits[rows, column.to(logits.device)]
+    pair = torch.stack([at[:, yes_id], at[:, no_id]], dim=1)
+    return loss, torch.softmax(pair, dim=1)[:, 0].cpu().tolist()
+
+
 def _median(values: list[float]) -> float | None:
     return round(sorted(values)[len(values) // 2], 4) if values else None
-
-
-def _final_stats(engine, state: dict, collator, train: TrainConfig, has_val: bool) -> None:
-    """Put the validation loss (mean over the ``val`` shards) and every rank's bytes of
-    parameters / gradient partition / optimizer state into ``state`` (collective)."""
-    import ray.train
-    import torch
-
-    from mllm_msr.engines import deepspeed as ds
-
-    state["rank_state_bytes"] = _all_gather(ds.rank_state_bytes(engine))
-    state["val_loss"] = None
-    if not has_val:
-        return
-    engine.eval()
-    losses = []
-    with torch.no_grad():
-        for rows in _Shard(
-            ray.train.get_dataset_shard("val"), train.micro_batch_size, drop_last=False
-        ):
-            batch = {k: v.to(engine.device) for k, v in collator(rows).items()}
-            losses.append(float(answer_loss(engine, batch)))
-    engine.train()
-    val, _ = _all_mean(losses)
-    state["val_loss"] = None if math.isnan(val) else round(val, 6)
 
 
 def _export_adapter(engine, train: TrainConfig, out: Path, rank: int) -> None:
