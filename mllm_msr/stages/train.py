@@ -494,6 +494,11 @@ def _fault_hook(config: dict):
         flag_run = RunDir(fail["run"])  # any run directory, local or object storage
         if not flag_run.exists(fail["flag"]):
             flag_run.write_json(fail["flag"], {"step": step})
+            # Ray Train registers a checkpoint only once its controller has polled every rank's
+            # report (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); a death within that window loses
+            # the newest checkpoint, and the run restarts from the one before. Dying 1 s later
+            # makes the resume point deterministic: the last checkpoint before this step.
+            time.sleep(1.0)
             print(f"[train] rank {rank}: injected worker death at step {step}")
             os._exit(1)
 
