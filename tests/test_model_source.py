@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -17,6 +18,7 @@ from mllm_msr.model_source import (
     publish_models,
     read_manifest,
 )
+from mllm_msr.provenance import _local_weights, weight_checksums
 from mllm_msr.tiny import resolve_model
 
 TINY = "tiny:qwen2.5-vl"
@@ -38,6 +40,11 @@ def test_empty_cache_syncs_the_published_model_once_and_loads_it(s3_server, tmp_
     check_model("engine.model", uri)  # a published model passes the config check
 
     cache = tmp_path / "node-cache"  # the empty disk of a new node
+    # Provenance takes the digests from the manifest: nothing is downloaded onto the driver.
+    weights = _local_weights(uri, str(cache))
+    expected = weight_checksums(sorted(Path(src).glob("*.safetensors")))
+    assert weights["path"] == uri and weights["sha256"] == expected and expected
+    assert not cache.exists()
     with ThreadPoolExecutor(4) as pool:  # several actors of one node ask at the same time
         paths = set(pool.map(lambda _: resolve_model(uri, cache), range(4)))
     assert paths == {str(local_dir(uri, cache))}
