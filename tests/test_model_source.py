@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from mllm_msr.config import ConfigError, check_model
+from mllm_msr.config import ConfigError, check_model, config_from_dict
 from mllm_msr.model_source import (
     MANIFEST,
     ModelChecksumError,
@@ -19,6 +19,7 @@ from mllm_msr.model_source import (
     read_manifest,
 )
 from mllm_msr.provenance import _local_weights, weight_checksums
+from mllm_msr.stages.item_summaries import check_engine_model
 from mllm_msr.tiny import resolve_model
 
 TINY = "tiny:qwen2.5-vl"
@@ -38,6 +39,12 @@ def test_empty_cache_syncs_the_published_model_once_and_loads_it(s3_server, tmp_
     manifest = publish_models(src, uri)
     assert "config.json" in manifest["files"] and read_manifest(uri) == manifest
     check_model("engine.model", uri)  # a published model passes the config check
+    # The driver's pre-flight check of the summarizer reads the manifest, downloads nothing.
+    engine = {"model": uri, "family": "qwen2_5_vl"}
+    check_engine_model(config_from_dict({"item_summaries": {"engine": engine}}).item_summaries, "x")
+    missing = config_from_dict({"item_summaries": {"engine": {**engine, "model": uri + "-x"}}})
+    with pytest.raises(ValueError, match=rf"item_summaries\.engine\.model: .*no {MANIFEST}"):
+        check_engine_model(missing.item_summaries, "x")
 
     cache = tmp_path / "node-cache"  # the empty disk of a new node
     # Provenance takes the digests from the manifest: nothing is downloaded onto the driver.
