@@ -811,6 +811,14 @@ def check_model(key: str, spec: str, family: str | None = None) -> None:
         except models.MissingModelPackageError as exc:
             raise ConfigError(f"{key}: {spec!r}: {exc}") from None
         built = models.PACKAGED_MODELS[name].family
+    elif "://" in spec and not spec.startswith("file://"):  # synced on each node's first use
+        from mllm_msr.model_source import read_manifest
+
+        try:
+            read_manifest(spec)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        return
     else:
         path = Path(spec)
         if path.is_dir() or _in_hub_cache(spec):

@@ -156,8 +156,20 @@ def model_provenance(cfg, *, checksums: bool = True) -> list[dict]:
 
 def _local_weights(spec: str, cache_dir: str) -> dict:
     """``{"path", "sha256": {file: digest}}`` of a model spec, or a note why there are none."""
+    from mllm_msr.model_source import is_source, read_manifest
     from mllm_msr.tiny import resolve_model
 
+    if is_source(spec):  # the published manifest: no download onto the driver for this
+        try:
+            files = read_manifest(spec)["files"]
+        except (OSError, ValueError) as exc:
+            return {"path": None, "sha256": None, "note": f"not resolved: {exc}"}
+        return {
+            "path": spec,
+            "sha256": {
+                rel: f["sha256"] for rel, f in files.items() if rel.endswith(".safetensors")
+            },
+        }
     try:
         path = Path(resolve_model(spec, cache_dir)).absolute()
     except Exception as exc:  # a missing packaged model, a failed tiny build

@@ -736,11 +736,17 @@ def resolve_model(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
     """Map ``tiny:<name>`` to the local path of the built tiny model and ``pkg:<name>`` to the
     provisioned packaged model (:mod:`mllm_msr.models`); return others unchanged.
 
-    Any other string is a local path or a hub id that the user provides (never downloaded
-    here: runs are offline).
+    A model folder under a pyarrow URI (``s3://bucket/models/<name>``) is synced into the
+    node-local cache on first use, checked against its published manifest
+    (:mod:`mllm_msr.model_source`). Any other string is a local path or a hub id that the user
+    provides (never downloaded here: runs are offline).
     """
     if spec.startswith(TINY_PREFIX):
         return str(build_tiny(spec[len(TINY_PREFIX) :], cache_dir))
+    from mllm_msr.model_source import is_source, sync_model
+
+    if is_source(spec):
+        return sync_model(spec, cache_dir or default_cache_dir())
     from mllm_msr.models import is_packaged_spec, resolve_packaged
 
     if is_packaged_spec(spec):  # pkg:<name>: a real model shipped inside a PyPI package

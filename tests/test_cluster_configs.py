@@ -296,6 +296,8 @@ def test_rayjob_runs_the_pipeline_and_shuts_down() -> None:
     assert config.startswith(image_root) and (REPO / config[len(image_root) :]).is_file(), config
     overrides = [w for w in words if w.startswith("run_dir=")]
     assert overrides and overrides[0].startswith("run_dir=s3://")
+    # The raw data are read by ingest tasks on any node: object storage, not the image's disk.
+    assert [w for w in words if w.startswith("ingest.root=")][0].startswith("ingest.root=s3://")
 
 
 def test_documented_commands_name_existing_jobs_and_configs() -> None:
@@ -378,6 +380,7 @@ def test_launcher_token_auth_install_and_storage() -> None:
             assert local not in ("./.venv", "./.cache", "./runs", "./.git", ".")
             assert (REPO / local).exists(), local
     assert "run_dir=s3://" in LAUNCHER.read_text()
+    assert "ingest.root=s3://" in LAUNCHER.read_text()
 
 
 # --------------------------------------------------------------------------- secrets

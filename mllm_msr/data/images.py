@@ -16,11 +16,13 @@ Failures raise :class:`ImageError` whose ``reason`` is the short code written to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import io
 import ipaddress
 import os
+import posixpath
 import re
 import socket
 import ssl
@@ -143,8 +145,65 @@ def safe_join(root: str | os.PathLike, relative: str) -> Path:
     return target
 
 
+def relative_key(relative: str) -> str:
+    """``relative`` as a normalized key under a folder on object storage (no symlinks there).
+
+    Refuses what :func:`safe_join` refuses: absolute paths, drive/scheme prefixes and ``..``
+    that leaves the folder (``path_escape``), and names of no file (``bad_image_path``).
+    """
+    if not relative or not relative.strip() or "\x00" in relative:
+        raise ImageError("bad_image_path", f"invalid path {relative!r}")
+    first = relative.replace("\\", "/").split("/", 1)[0]
+    if relative.startswith(("/", "\\")) or ":" in first:
+        raise ImageError("path_escape", f"absolute path {relative!r}")
+    key = posixpath.normpath(relative.replace("\\", "/"))
+    if key == ".":
+        raise ImageError("bad_image_path", f"{relative!r} names the image folder itself")
+    if key == ".." or key.startswith("../"):
+        raise ImageError("path_escape", f"{relative!r} resolves outside the image folder")
+    return key
+
+
+@functools.lru_cache(maxsize=8)
+def _remote_fs(root: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(root)
+
+
+def _read_remote_image(root: str, relative: str, max_bytes: int) -> bytes:
+    """Read an image under a folder on object storage (``s3://...``), size-checked first."""
+    import pyarrow.fs as pafs
+
+    key = relative_key(relative)
+    try:
+        fs, base = _remote_fs(root)
+        path = base.rstrip("/") + "/" + key
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            raise ImageError("bad_image_path", f"{relative!r} is a directory")
+        if info.type != pafs.FileType.File:
+            raise ImageError("missing_image", f"no file {relative!r} under {root}")
+        if info.size is not None and info.size > max_bytes:
+            raise ImageError(
+                "oversized_image", f"{relative!r}: {info.size} bytes > max_bytes={max_bytes}"
+            )
+        with fs.open_input_stream(path) as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:  # permissions, network errors
+        raise ImageError("unreadable_image", f"{relative!r}: {exc}") from None
+    if len(data) > max_bytes:
+        raise ImageError("oversized_image", f"{relative!r}: more than max_bytes={max_bytes}")
+    return data
+
+
 def read_image_file(root: str | os.PathLike, relative: str, max_bytes: int) -> bytes:
-    """Read an image file under ``root`` (size-checked before reading)."""
+    """Read an image file under ``root`` (size-checked before reading).
+
+    ``root``: a local folder or a folder on object storage (a pyarrow URI such as ``s3://...``).
+    """
+    if isinstance(root, str) and "://" in root and not root.startswith("file://"):
+        return _read_remote_image(root, relative, max_bytes)
     path = safe_join(root, relative)
     try:
         if path.is_dir():

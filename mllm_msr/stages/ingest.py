@@ -13,7 +13,7 @@ import time
 
 from mllm_msr.config import PipelineConfig
 from mllm_msr.data import schema
-from mllm_msr.data.ingest import adapter
+from mllm_msr.data.ingest import adapter, files
 from mllm_msr.data.ingest.common import (
     ImageLoader,
     dedupe,
@@ -67,7 +67,7 @@ def run_ingest(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
         icfg = dataclasses.replace(icfg, root=os.path.abspath(icfg.root))
     src = adapter(icfg.format)(icfg)
     items, interactions = src.items, src.interactions
-    if src.image_root and not os.path.isdir(src.image_root):
+    if src.image_root and not files.is_dir(src.image_root):
         log(f"[ingest] warning: image folder {src.image_root} does not exist: items are text-only")
     if not src.final:
         parts = max(1, icfg.num_shards)

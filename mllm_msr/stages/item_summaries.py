@@ -433,8 +433,15 @@ def _written_since(run: RunDir, path: str, since: float) -> bool:
 
 def check_engine_model(cfg: ItemSummariesConfig, cache_dir: str) -> None:
     """Fail before any work (and any deletion) when the engine's model cannot be found."""
+    from mllm_msr.model_source import is_source, read_manifest
     from mllm_msr.tiny import resolve_model
 
+    if is_source(cfg.engine.model):  # each actor's node syncs it: only check it is published
+        try:
+            read_manifest(cfg.engine.model)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"item_summaries.engine.model: {exc}") from exc
+        return
     try:
         path = resolve_model(cfg.engine.model, str(Path(cache_dir).absolute()))
     except Exception as exc:

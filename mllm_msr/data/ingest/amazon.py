@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import pyarrow as pa
 
 from mllm_msr.config import IngestConfig
+from mllm_msr.data.ingest import files
 from mllm_msr.data.ingest.common import (
     INTERACTION_ROWS,
     RAW_ITEM_ROWS,
@@ -134,15 +134,18 @@ def parse_meta(batch: pa.Table, source: str, cfg: IngestConfig) -> pa.Table:
 
 
 def _find(root: str, meta: bool) -> str:
-    hits = sorted(p for p in Path(root).glob("*.jsonl") if p.name.startswith("meta_") == meta)
+    hits = [
+        p for p in files.glob(root, "*.jsonl") if p.rsplit("/", 1)[-1].startswith("meta_") == meta
+    ]
     if not hits:
         raise FileNotFoundError(f"amazon: no {'meta_*' if meta else 'reviews'} .jsonl under {root}")
-    return str(hits[0])
+    return hits[0]
 
 
 def amazon_sources(cfg: IngestConfig) -> Sources:
     if not cfg.root:
         raise ValueError("ingest.root is required for format=amazon")
+    files.check_root(cfg.root, "amazon")
     reviews = resolve(cfg.root, cfg.interactions) if cfg.interactions else _find(cfg.root, False)
     meta = resolve(cfg.root, cfg.items) if cfg.items else _find(cfg.root, True)
     n = cfg.num_shards

@@ -38,7 +38,7 @@ from mllm_msr.data.images import (
     normalize_image,
     read_image_file,
 )
-from mllm_msr.data.ingest import readers
+from mllm_msr.data.ingest import files, readers
 from mllm_msr.runtime import RunDir
 
 STAGE = "ingest"
@@ -436,10 +436,10 @@ def write_routed(ds: Any, run: RunDir, table: str, table_schema: pa.Schema) -> d
 
 
 def resolve(root: str | None, path: str) -> str:
-    """``path`` relative to ``root`` unless absolute (or a URI)."""
+    """``path`` relative to ``root`` (a local path or a URI) unless absolute (or a URI)."""
     if "://" in path or Path(path).is_absolute() or root is None:
         return path
-    return str(Path(root) / path)
+    return files.join(root, path)
 
 
 def read_table_file(path: str, num_blocks: int | None = None) -> tuple[Any, list[str]]:
@@ -451,9 +451,17 @@ def read_table_file(path: str, num_blocks: int | None = None) -> tuple[Any, list
     """
     import ray.data
 
-    if path.endswith(".parquet") or Path(path).is_dir():
-        first = path if not Path(path).is_dir() else sorted(Path(path).rglob("*.parquet"))[0]
-        names = pq.read_schema(first).names
+    folder = files.is_dir(path)
+    if path.endswith(".parquet") or folder:
+        if folder:
+            parts = [f for f in files.list_files(path, recursive=True) if f.endswith(".parquet")]
+            if not parts:
+                raise FileNotFoundError(f"{path}: a folder without .parquet files")
+            first = parts[0]
+        else:
+            first = path
+        fs, inner = files.filesystem(first)
+        names = pq.read_schema(inner, filesystem=fs).names
         return ray.data.read_parquet(path, override_num_blocks=num_blocks), names
     return readers.read_csv_rows(path, num_blocks)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from mllm_msr.config import IngestConfig
+from mllm_msr.data.ingest import files
 from mllm_msr.data.ingest.common import (
     RAW_ITEM_ROWS,
     item_row,
@@ -69,6 +70,8 @@ class GenericItems:
 def generic_sources(cfg: IngestConfig) -> Sources:
     if not cfg.interactions or not cfg.items:
         raise ValueError("format=generic needs ingest.interactions and ingest.items")
+    if cfg.root:
+        files.check_root(cfg.root, "generic")
     inter = resolve(cfg.root, cfg.interactions)
     items = resolve(cfg.root, cfg.items)
     n = cfg.num_shards

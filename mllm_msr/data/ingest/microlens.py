@@ -14,12 +14,11 @@ Files not named in the config are found by name (``*pairs.tsv`` / ``*pairs.csv``
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyarrow as pa
 
 from mllm_msr.config import IngestConfig
-from mllm_msr.data.images import ImageError, safe_join
+from mllm_msr.data.images import ImageError, relative_key, safe_join
+from mllm_msr.data.ingest import files
 from mllm_msr.data.ingest.common import (
     INTERACTION_ROWS,
     RAW_ITEM_ROWS,
@@ -40,9 +39,9 @@ from mllm_msr.data.ingest.sources import Sources
 
 def _find(root: str, patterns: tuple[str, ...], what: str) -> str:
     for pattern in patterns:
-        hits = sorted(Path(root).glob(pattern))
+        hits = files.glob(root, pattern)
         if hits:
-            return str(hits[0])
+            return hits[0]
     raise FileNotFoundError(f"microlens: no {what} file matching {patterns} under {root}")
 
 
@@ -114,10 +113,30 @@ class MicroLensItems:
     ) -> None:
         self.cfg, self.item, self.title, self.text = cfg, item, title, text
         self.image_root, self.source = image_root, source
+        self._remote_names: set[str] | None = None
+
+    def _remote_cover(self, item_id: str) -> list[str]:
+        """The cover of ``item_id`` in a folder on object storage, listed once (not one request
+        per item and extension)."""
+        if self._remote_names is None:
+            root = self.image_root.rstrip("/") + "/"
+            names = files.list_files(self.image_root, recursive=True)
+            self._remote_names = {n[len(root) :] for n in names if n.startswith(root)}
+        for ext in self.cfg.image_extensions:
+            name = item_id + ext
+            try:
+                key = relative_key(name)
+            except ImageError:
+                return [name]  # refused again (path_escape ...) and quarantined by the loader
+            if key in self._remote_names:
+                return [name]
+        return []
 
     def _cover(self, item_id: str) -> list[str]:
         if self.image_root is None or not item_id:
             return []
+        if files.is_remote(self.image_root):
+            return self._remote_cover(item_id)
         for ext in self.cfg.image_extensions:
             name = item_id + ext
             try:
@@ -144,6 +163,7 @@ def microlens_sources(cfg: IngestConfig) -> Sources:
     if not cfg.root:
         raise ValueError("ingest.root is required for format=microlens")
     root = cfg.root
+    files.check_root(root, "microlens")
     inter = (
         resolve(root, cfg.interactions)
         if cfg.interactions

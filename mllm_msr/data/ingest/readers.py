@@ -156,11 +156,15 @@ def csv_records(f: Any) -> Iterator[tuple[int, list[str] | None, str | None, str
 
 
 def csv_header(path: str) -> list[str]:
-    """Column names of a local CSV file (its first record), read without loading the file.
+    """Column names of a CSV file (its first record), read without loading the file.
+
+    ``path``: a local path or a pyarrow URI (``s3://...``).
 
     Raises ``ValueError`` when the header itself cannot be decoded or parsed.
     """
-    with open(path, "rb") as fh:
+    from mllm_msr.data.ingest.files import open_input
+
+    with open_input(path) as fh:
         for line, fields, error, detail in csv_records(fh):
             if error is not None:
                 raise ValueError(f"{path}:{line}: unreadable CSV header ({error}: {detail})")

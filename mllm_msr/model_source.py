@@ -1,0 +1,177 @@
+"""Model weights on every node: a model folder on object storage synced into a node-local cache.
+
+A node that starts with an empty disk (an autoscaled GPU worker) gets the models from object
+storage: a model setting (``engine.model``, ``train.model``, ...) may name a model folder under
+any pyarrow URI (``s3://bucket/models/Qwen2.5-VL-7B-Instruct``). Each actor or train worker
+resolves it (:func:`mllm_msr.tiny.resolve_model` -> :func:`sync_model`) on first use: the first
+process of a node downloads it into ``<cache_dir>/model_source/<name>-<hash>``, holding a
+node-local ``fcntl`` lock, so a node downloads it once and the others wait and reuse it. Every
+file is checked against the sha256 of the manifest (``MANIFEST.json``) that :func:`publish_models`
+writes last when the model is published; a file that does not match fails with
+:class:`ModelChecksumError`. The endpoint and credentials come from the standard AWS variables.
+
+Publish once (from a machine that has the model folder)::
+
+    python -m mllm_msr.model_source /path/to/Qwen2.5-VL-7B-Instruct s3://bucket/models/Qwen2.5-VL-7B-Instruct
+
+The two other ways need nothing here: weights baked into the node image, or a shared volume
+(EFS, NFS, a PVC) mounted on every node, each named by its local path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+MANIFEST = "MANIFEST.json"
+MANIFEST_VERSION = 1
+_DONE = ".synced.json"
+_CHUNK = 8 << 20
+
+
+class ModelChecksumError(RuntimeError):
+    """A synced model file does not match the sha256 of the published manifest."""
+
+
+def is_source(spec: str) -> bool:
+    """True for a model folder under a pyarrow URI (``s3://...``); False for paths, hub ids."""
+    return "://" in spec and not spec.startswith("file://")
+
+
+def _sha256_stream(fh) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    while chunk := fh.read(_CHUNK):
+        h.update(chunk)
+        n += len(chunk)
+    return h.hexdigest(), n
+
+
+def publish_models(local_dir: str | os.PathLike, dest_uri: str) -> dict:
+    """Upload the model folder ``local_dir`` to ``dest_uri`` with its sha256 manifest; return it.
+
+    The manifest is written last: a folder without one is an unfinished upload.
+    """
+    src = Path(local_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"publish_models: no model folder {str(src)!r}")
+    fs, root = pafs.FileSystem.from_uri(dest_uri) if "://" in dest_uri else (None, dest_uri)
+    if fs is None:
+        fs, root = pafs.LocalFileSystem(), str(Path(dest_uri).absolute())
+    root = root.rstrip("/")
+    fs.create_dir(root, recursive=True)
+    entries = {}
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        rel = path.relative_to(src).as_posix()
+        if rel == MANIFEST:
+            continue
+        with open(path, "rb") as fh:
+            digest, size = _sha256_stream(fh)
+        with open(path, "rb") as fh, fs.open_output_stream(f"{root}/{rel}") as out:
+            shutil.copyfileobj(fh, out, _CHUNK)
+        entries[rel] = {"sha256": digest, "size": size}
+    if not entries:
+        raise FileNotFoundError(f"publish_models: {str(src)!r} holds no files")
+    manifest = {"version": MANIFEST_VERSION, "files": entries}
+    with fs.open_output_stream(f"{root}/{MANIFEST}") as out:
+        out.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return manifest
+
+
+def read_manifest(uri: str) -> dict:
+    """The manifest of the published model folder ``uri`` (a clear error when there is none)."""
+    fs, root = pafs.FileSystem.from_uri(uri)
+    try:
+        with fs.open_input_stream(f"{root.rstrip('/')}/{MANIFEST}") as fh:
+            manifest = json.loads(fh.read())
+    except (FileNotFoundError, OSError) as exc:
+        raise FileNotFoundError(
+            f"model {uri!r}: no {MANIFEST} there ({exc}); publish the model folder first with "
+            f"`python -m mllm_msr.model_source LOCAL_DIR {uri}`"
+        ) from None
+    if manifest.get("version") != MANIFEST_VERSION or not manifest.get("files"):
+        raise ValueError(f"model {uri!r}: {MANIFEST} is not a version-{MANIFEST_VERSION} manifest")
+    return manifest
+
+
+def local_dir(uri: str, cache_dir: str | os.PathLike) -> Path:
+    """Where :func:`sync_model` puts ``uri`` under ``cache_dir``."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1] or "model"
+    tag = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:12]
+    return Path(cache_dir) / "model_source" / f"{name}-{tag}"
+
+
+def _synced(dest: Path, manifest: dict) -> bool:
+    try:
+        return json.loads((dest / _DONE).read_text()) == manifest
+    except (OSError, ValueError):
+        return False
+
+
+def sync_model(uri: str, cache_dir: str | os.PathLike) -> str:
+    """The local folder of the published model ``uri``, downloaded on this node's first use.
+
+    One download per node and cache: a node-local ``fcntl`` lock serializes the processes of
+    a node; a folder whose record matches the current manifest is reused as is. Each file is
+    verified by sha256 while it is downloaded; the folder appears under its final name only
+    when every file matched. Raises :class:`ModelChecksumError` on a mismatch.
+    """
+    manifest = read_manifest(uri)
+    dest = local_dir(uri, cache_dir)
+    if _synced(dest, manifest):
+        return str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f"{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if _synced(dest, manifest):  # another process of this node did it while we waited
+            return str(dest)
+        fs, root = pafs.FileSystem.from_uri(uri)
+        root = root.rstrip("/")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+        try:
+            for rel, want in sorted(manifest["files"].items()):
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                h, n = hashlib.sha256(), 0
+                with fs.open_input_stream(f"{root}/{rel}") as fh, open(target, "wb") as out:
+                    while chunk := fh.read(_CHUNK):
+                        h.update(chunk)
+                        n += len(chunk)
+                        out.write(chunk)
+                if h.hexdigest() != want["sha256"] or n != want["size"]:
+                    raise ModelChecksumError(
+                        f"model {uri!r}: {rel} has sha256 {h.hexdigest()} ({n} bytes), the "
+                        f"manifest says {want['sha256']} ({want['size']} bytes): the object "
+                        "changed or is corrupt; publish the model again (publish_models)"
+                    )
+            (tmp / _DONE).write_text(json.dumps(manifest, sort_keys=True))
+            if dest.exists():  # an older or broken copy
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m mllm_msr.model_source",
+        description="Publish a model folder to object storage with its sha256 manifest.",
+    )
+    ap.add_argument("local_dir", help="the model folder (config.json, weights, tokenizer...)")
+    ap.add_argument("dest", help="where nodes sync it from, e.g. s3://bucket/models/<name>")
+    args = ap.parse_args(argv)
+    manifest = publish_models(args.local_dir, args.dest)
+    size = sum(f["size"] for f in manifest["files"].values())
+    print(f"published {len(manifest['files'])} files ({size} bytes) to {args.dest}")
+
+
+if __name__ == "__main__":
+    main()
