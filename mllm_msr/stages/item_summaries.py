@@ -71,6 +71,9 @@ TITLE_MODEL = "title"
 """``model`` recorded when summaries are titles (``enabled: false``)."""
 TITLE_PROMPT_VERSION = "title/v1"
 FAULT_ENV = "MLLM_MSR_FAULT_ITEM_SUMMARIES"
+HOLD_ENV = "MLLM_MSR_HOLD_ITEM_SUMMARIES_S"
+"""Fault injection (tests): seconds an actor pauses once, after writing its first batch, so a
+test can remove its node while the stage runs (:meth:`ItemSummarizer._maybe_hold`)."""
 INPUT_COLUMNS = ["item_id", "title", "text", "images", "image_hash"]
 """Columns of ``items/`` the actors read (``image_hashes`` stays behind)."""
 KEY_COLUMNS = ["item_id", "image_hash", "model", "prompt_version"]
@@ -469,12 +472,14 @@ class ItemSummarizer:
         run_uri: str,
         cache_dir: str,
         crash_on_item: str | None = None,
+        hold_s: float | None = None,
     ) -> None:
         from mllm_msr.engines.vllm import VLLMEngine
 
         self.cfg = cfg
         self.run = RunDir(run_uri)
         self.crash_on_item = crash_on_item
+        self.hold_s = hold_s
         self.engine = VLLMEngine(cfg.engine, cache_dir)
         self.batches = 0
 
@@ -493,6 +498,7 @@ class ItemSummarizer:
         result = summarize_items(rows, self._generate, self.cfg)
         write_batch(self.run, name, result)
         self._maybe_crash(rows)
+        self._maybe_hold()
         seconds = time.perf_counter() - t0
         self.batches += 1
         _log.debug(
@@ -517,6 +523,15 @@ class ItemSummarizer:
                 "node_id": [_node_id()],
             }
         )
+
+    def _maybe_hold(self) -> None:
+        """Fault injection: after its first written batch, pause once per run (a flag file)."""
+        marker = f"_faults/{STAGE}-hold"
+        if not self.hold_s or self.run.exists(marker):
+            return
+        self.run.write_json(marker, {"pid": os.getpid(), "seconds": self.hold_s})
+        print(f"[{STAGE}] holding {self.hold_s:g} s after the first batch", flush=True)
+        time.sleep(self.hold_s)
 
     def _maybe_crash(self, rows: list[dict[str, Any]]) -> None:
         """Fault injection: kill this actor once, after writing the batch holding the item."""
@@ -595,6 +610,7 @@ def _summarize_with_ray(
             "run_uri": run.uri,
             "cache_dir": str(Path(cfg.cache_dir).absolute()),
             "crash_on_item": crash_on,
+            "hold_s": float(os.environ.get(HOLD_ENV) or 0) or None,
         },
         batch_size=s.pool.batch_size,
         batch_format="pyarrow",
