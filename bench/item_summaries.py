@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa  # noqa: E402
 
 from mllm_msr import prompts  # noqa: E402
-from mllm_msr.bench_record import BenchRecord  # noqa: E402
+from mllm_msr.bench_record import BenchRecord, add_arguments  # noqa: E402
 from mllm_msr.config import (  # noqa: E402
     ImageConfig,
     ItemSummariesConfig,
@@ -501,13 +501,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-cpus", type=int, default=3, help="logical CPUs of the local Ray")
     p.add_argument("--actors", nargs="+", default=["1x1", "2x1"], help="N or NxCPUS per run")
     p.add_argument("--worker-niceness", type=int, default=0, help="nice value of Ray workers")
-    p.add_argument("--out", default=None, help="also write the JSON report here")
-    p.add_argument("--no-record", action="store_true", help="no record in bench/results/")
-    p.add_argument(
-        "--allow-load",
-        action="store_true",
-        help="report ratios even when the load average exceeds the cores (marked not quiet)",
-    )
+    add_arguments(p)  # --out, --no-record, --allow-load
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
     return p
 

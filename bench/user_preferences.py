@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mllm_msr.bench_record import BenchRecord  # noqa: E402
+from mllm_msr.bench_record import BenchRecord, add_arguments  # noqa: E402
 from mllm_msr.config import EngineConfig, SamplingConfig, UserPreferencesConfig  # noqa: E402
 from mllm_msr.stages.user_preferences import (  # noqa: E402
     HistoryItem,
@@ -357,13 +357,7 @@ def make_parser() -> argparse.ArgumentParser:
         default=0,
         help="also time the whole stage (embedded Ray, actor, part files) on this many users",
     )
-    p.add_argument("--out", default=None, help="also write the JSON report here")
-    p.add_argument("--no-record", action="store_true", help="no record in bench/results/")
-    p.add_argument(
-        "--allow-load",
-        action="store_true",
-        help="report ratios even when the load average exceeds the cores (marked not quiet)",
-    )
+    add_arguments(p)  # --out, --no-record, --allow-load
     return p
 
 

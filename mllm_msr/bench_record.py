@@ -36,6 +36,17 @@ RESULTS_DIR = Path(__file__).resolve().parents[1] / "bench" / "results"
 """Default folder of benchmark records (one sub-folder per benchmark)."""
 
 
+def add_arguments(parser: Any) -> None:
+    """The options every recording benchmark takes: ``--out``, ``--no-record``, ``--allow-load``."""
+    parser.add_argument("--out", default=None, help="also write the JSON report here")
+    parser.add_argument("--no-record", action="store_true", help="no record in bench/results/")
+    parser.add_argument(
+        "--allow-load",
+        action="store_true",
+        help="report ratios even when the load average exceeds the cores (marked not quiet)",
+    )
+
+
 def load_average() -> float:
     """The 1-minute load average of this host."""
     return round(os.getloadavg()[0], 2)

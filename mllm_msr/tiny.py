@@ -260,6 +260,19 @@ class TinySpec:
     """Larger than usual so that different inputs give visibly different random outputs."""
     seed: int = 0
 
+    def text_sizes(self, vocab_size: int) -> dict[str, int | float]:
+        """The language model's size arguments, shared by every family's text config."""
+        return {
+            "vocab_size": vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "initializer_range": self.initializer_range,
+        }
+
 
 TINY_SPECS: dict[str, TinySpec] = {
     "qwen2-vl": TinySpec(name="qwen2-vl", family="qwen2_vl"),
@@ -405,15 +418,8 @@ def _build_qwen2_vl(spec: TinySpec, out: Path, v25: bool = False) -> None:
     config_cls = Qwen2_5_VLConfig if v25 else Qwen2VLConfig
     config = config_cls(
         text_config={
-            "vocab_size": len(tok),
-            "hidden_size": spec.hidden_size,
-            "intermediate_size": spec.intermediate_size,
-            "num_hidden_layers": spec.num_layers,
-            "num_attention_heads": spec.num_heads,
-            "num_key_value_heads": spec.num_kv_heads,
-            "max_position_embeddings": spec.max_position_embeddings,
+            **spec.text_sizes(len(tok)),
             "max_window_layers": spec.num_layers,
-            "initializer_range": spec.initializer_range,
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 1000000.0,
@@ -451,15 +457,8 @@ def _build_qwen2(spec: TinySpec, out: Path, chat_template: str = QWEN_CHAT_TEMPL
     tok = build_tokenizer(QWEN_SPECIAL_TOKENS, chat_template)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=spec.max_position_embeddings,
+        **spec.text_sizes(len(tok)),
         max_window_layers=spec.num_layers,
-        initializer_range=spec.initializer_range,
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
@@ -516,14 +515,7 @@ def _build_llava(spec: TinySpec, out: Path, next_: bool = False) -> None:
             initializer_range=spec.initializer_range,
         ),
         text_config=text_cls(
-            vocab_size=len(tok),
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_heads,
-            num_key_value_heads=spec.num_kv_heads,
-            max_position_embeddings=spec.max_position_embeddings,
-            initializer_range=spec.initializer_range,
+            **spec.text_sizes(len(tok)),
             bos_token_id=ids["<s>"],
             eos_token_id=ids["</s>"],
             pad_token_id=ids["<pad>"],
@@ -599,14 +591,7 @@ def _build_llama3(spec: TinySpec, out: Path, chatml: bool = False) -> None:
     ids = {t: tok.convert_tokens_to_ids(t) for t in special}
     last = "<|endoftext|>" if chatml else "<|end_of_text|>"
     config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=spec.max_position_embeddings,
-        initializer_range=spec.initializer_range,
+        **spec.text_sizes(len(tok)),
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
         bos_token_id=ids[bos],
         eos_token_id=[ids[last], ids[eos]],
