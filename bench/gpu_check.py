@@ -9,7 +9,7 @@ Runs on a CUDA machine with torch, transformers, peft and deepspeed importable:
 2. For ZeRO stage 2 and 3 (bf16, LoRA on q/v, our DeepSpeed and peft adapters and the training
    collator): trains N steps on one GPU, and reports first/last loss, median step time, peak GPU
    memory, whether the base weights stayed fixed and the adapter moved.
-3. Scores 21-candidate groups with :class:`~mllm_msr.stages.score.YesNoScorer` in fp32 and bf16:
+3. Scores 21-candidate groups with :class:`~mllm_msr.recommender.score.YesNoScorer` in fp32 and bf16:
    rows/s and how many groups are fully tied (DESIGN.md: bf16 collapses scores into ties).
 
 With ``--families`` (e.g. ``--families all``), for each tiny twin of a shipped config's family
@@ -94,8 +94,8 @@ def train_check(
     from mllm_msr.config import LoraConfig, TrainConfig, ZeroConfig
     from mllm_msr.engines import deepspeed as ds
     from mllm_msr.engines import peft as lora
-    from mllm_msr.stages.collate import RecommenderCollator
-    from mllm_msr.stages.score import load_recommender
+    from mllm_msr.recommender.collate import RecommenderCollator
+    from mllm_msr.recommender.score import load_recommender
 
     cfg = TrainConfig(
         model=model_path,
@@ -173,7 +173,7 @@ def score_check(
 
     from mllm_msr import families
     from mllm_msr.config import TrainConfig
-    from mllm_msr.stages.score import YesNoScorer
+    from mllm_msr.recommender.score import YesNoScorer
 
     family = family or families.resolve(model_path).name
     train = TrainConfig(

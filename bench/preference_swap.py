@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from mllm_msr.config import load_config  # noqa: E402
 from mllm_msr.metrics import evaluate_scores, paired_bootstrap_diff  # noqa: E402
+from mllm_msr.recommender.samples import derangement  # noqa: E402
 from mllm_msr.runtime import RunDir, use_cache_dir  # noqa: E402
-from mllm_msr.stages.sft import derangement  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "preference_swap.json"))
     args = p.parse_args(argv)
 
+    from mllm_msr.recommender.samples import build_sft_samples
+    from mllm_msr.recommender.score import YesNoScorer
     from mllm_msr.stages.evaluate import select_users
-    from mllm_msr.stages.score import YesNoScorer
-    from mllm_msr.stages.sft import build_sft_samples
 
     cfg = load_config(args.config, [f"run_dir={args.run_dir}"] if args.run_dir else [])
     use_cache_dir(cfg.cache_dir)

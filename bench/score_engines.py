@@ -1,8 +1,8 @@
 """Benchmark: rows/s of the recommender's Yes/No scoring, transformers vs vLLM, same rows.
 
 Scores ``--users`` x ``--candidates`` rows (MicroLens-like: a preference of ~60 words, a title,
-``--history`` recent titles with the ``history`` prompt) with :class:`~mllm_msr.stages.score.
-YesNoScorer` (plain and with the shared prefix) and :class:`~mllm_msr.stages.score.
+``--history`` recent titles with the ``history`` prompt) with :class:`~mllm_msr.recommender.score.
+YesNoScorer` (plain and with the shared prefix) and :class:`~mllm_msr.recommender.score.
 VLLMYesNoScorer` (``evaluate.engine: vllm``), in this process (no Ray), fp32, and reports rows/s
 and the largest score difference between the engines.
 
@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mllm_msr.config import EvaluateConfig, TrainConfig  # noqa: E402
-from mllm_msr.stages.score import VLLMYesNoScorer, YesNoScorer  # noqa: E402
+from mllm_msr.recommender.score import VLLMYesNoScorer, YesNoScorer  # noqa: E402
 
 WORDS = "drama comedy travel food music pets gaming sports dance cars fashion news".split()
 

@@ -141,7 +141,7 @@ def model_card(cfg, train_summary: Mapping | None, metrics: Mapping | None) -> s
         "",
         "```python",
         "from mllm_msr.tiny import resolve_model",
-        "from mllm_msr.stages.score import load_recommender",
+        "from mllm_msr.recommender.score import load_recommender",
         "",
         f'model = load_recommender(resolve_model("{t.model}"), "path/to/adapter")',
         "```",

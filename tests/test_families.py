@@ -114,7 +114,7 @@ def test_vision_modules_of_a_family_select_the_same_lora_targets(name):
 
 def test_scorer_refuses_a_model_of_another_family():
     from mllm_msr.config import TrainConfig
-    from mllm_msr.stages.score import YesNoScorer
+    from mllm_msr.recommender.score import YesNoScorer
 
     with pytest.raises(ValueError, match=r"train\.family: 'qwen2' expects .*'qwen2_vl'"):
         YesNoScorer("tiny:qwen2-vl", None, TrainConfig(family="qwen2", image_size=56))
@@ -190,7 +190,7 @@ def _sample(label=1, words=400):
 
 
 def test_llava_next_image_that_cannot_fit_max_length_fails_early_naming_it():
-    from mllm_msr.stages.collate import RecommenderCollator
+    from mllm_msr.recommender.collate import RecommenderCollator
 
     path = resolve_model("tiny:llava-next")
     fam = families.resolve(path)
@@ -214,7 +214,7 @@ def test_llava_next_image_that_cannot_fit_max_length_fails_early_naming_it():
 
 
 def test_qwen_vl_image_that_cannot_fit_names_image_size_too():
-    from mllm_msr.stages.collate import RecommenderCollator
+    from mllm_msr.recommender.collate import RecommenderCollator
 
     path = resolve_model("tiny:qwen2.5-vl")
     fam = families.resolve(path)

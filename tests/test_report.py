@@ -442,7 +442,7 @@ def test_a_portable_adapter_loads_for_scoring_by_the_configs_model(tmp_path):
     from mllm_msr.adapter_card import finalize_adapter
     from mllm_msr.config import LoraConfig
     from mllm_msr.engines.peft import apply_lora, save_adapter
-    from mllm_msr.stages.score import load_recommender
+    from mllm_msr.recommender.score import load_recommender
     from mllm_msr.tiny import resolve_model
 
     base = resolve_model("tiny:qwen2")

@@ -7,8 +7,8 @@ import pytest
 
 from mllm_msr.config import TrainConfig
 from mllm_msr.data.demo import draw_item_image
+from mllm_msr.recommender.score import YesNoScorer
 from mllm_msr.stages.evaluate import select_users
-from mllm_msr.stages.score import YesNoScorer
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_scores_match_an_independent_forward_pass(scorer):
         # Encode the prompt alone (no answer appended) and read the last position.
         enc = scorer.collator._encode_prompt(
             {k: row[k] for k in ("preference", "title", "summary")},
-            __import__("mllm_msr.stages.collate", fromlist=["load_image"]).load_image(
+            __import__("mllm_msr.recommender.collate", fromlist=["load_image"]).load_image(
                 row["image"], scorer.collator.side
             ),
         )
@@ -86,9 +86,9 @@ def test_answer_loss_equals_the_models_own_loss(model):
     model's full causal-LM loss, value and gradient."""
     import torch
 
-    from mllm_msr.stages.collate import RecommenderCollator
-    from mllm_msr.stages.score import load_processor, load_recommender
-    from mllm_msr.stages.train import answer_loss
+    from mllm_msr.recommender.collate import RecommenderCollator
+    from mllm_msr.recommender.score import load_processor, load_recommender
+    from mllm_msr.recommender.train_loop import answer_loss
     from mllm_msr.tiny import resolve_model
 
     path = resolve_model(model)

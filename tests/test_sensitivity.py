@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from mllm_msr.recommender.samples import derangement, swap_preferences
 from mllm_msr.stages.evaluate import user_sensitivity
-from mllm_msr.stages.sft import derangement, swap_preferences
 
 
 def test_derangement_has_no_fixed_point_and_is_seeded():

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from mllm_msr.config import TrainConfig, load_config
-from mllm_msr.stages.collate import IGNORE_INDEX, RecommenderCollator
-from mllm_msr.stages.score import YesNoScorer
+from mllm_msr.recommender.collate import IGNORE_INDEX, RecommenderCollator
+from mllm_msr.recommender.score import YesNoScorer
 from mllm_msr.tiny import default_cache_dir, resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ def test_training_and_scoring_build_the_same_prompt_for_each_prompt_choice(tiny_
     import dataclasses
 
     from mllm_msr import families
-    from mllm_msr.stages.collate import recommender_collator
+    from mllm_msr.recommender.collate import recommender_collator
 
     train = dataclasses.replace(TEXT_TRAIN, prompt=style, prompt_history=2)
     fam = families.resolve(tiny_text, train.family)
@@ -181,7 +181,7 @@ def test_history_prompt_drops_its_oldest_titles_before_cutting_the_preference(ti
     import dataclasses
 
     from mllm_msr import families
-    from mllm_msr.stages.collate import recommender_collator
+    from mllm_msr.recommender.collate import recommender_collator
 
     fam = families.resolve(tiny_text, "qwen2")
     processor = families.load_processor(tiny_text, fam)

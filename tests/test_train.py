@@ -26,9 +26,9 @@ from PIL import Image
 from mllm_msr.config import PipelineConfig, load_config
 from mllm_msr.data import schema
 from mllm_msr.prompts import answer_token_ids
+from mllm_msr.recommender.collate import IGNORE_INDEX, RecommenderCollator
+from mllm_msr.recommender.samples import build_sft_samples, titles_history
 from mllm_msr.runtime import RunDir
-from mllm_msr.stages.collate import IGNORE_INDEX, RecommenderCollator
-from mllm_msr.stages.sft import build_sft_samples, titles_history
 
 # --------------------------------------------------------------------------- toy tables
 
@@ -523,7 +523,7 @@ def test_validation_pairs_are_one_positive_and_one_seeded_negative_per_user():
 
 def test_lr_schedule_warms_up_then_decays():
     from mllm_msr.config import TrainConfig
-    from mllm_msr.stages.train import lr_scheduler_factory
+    from mllm_msr.recommender.train_loop import lr_scheduler_factory
 
     param = torch.nn.Parameter(torch.zeros(1))
     for name, end in (("linear", 0.0), ("cosine", 0.0), ("constant", 1.0)):
@@ -542,7 +542,7 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 def test_length_bucketing_groups_similar_lengths_deterministically():
-    from mllm_msr.stages.train import length_bucketed, row_length
+    from mllm_msr.recommender.train_loop import length_bucketed, row_length
 
     rows = [{"preference": "x" * n, "title": "t", "summary": ""} for n in range(40, 0, -1)]
     pools = lambda: [rows[i : i + 10] for i in range(0, 40, 10)]  # noqa: E731

@@ -211,7 +211,7 @@ def test_vllm_scorer_matches_the_transformers_scorer_on_collator_token_ids(tmp_p
 
     from mllm_msr.config import EvaluateConfig, TrainConfig
     from mllm_msr.metrics import evaluate_scores
-    from mllm_msr.stages.score import VLLMYesNoScorer, YesNoScorer
+    from mllm_msr.recommender.score import VLLMYesNoScorer, YesNoScorer
     from mllm_msr.tiny import resolve_model
 
     train = TrainConfig(

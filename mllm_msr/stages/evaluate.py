@@ -46,8 +46,8 @@ def _read_optional(run: RunDir, table: str, columns: list[str] | None = None) ->
 
 
 def run_evaluate(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
-    from mllm_msr.stages.score import score_samples
-    from mllm_msr.stages.sft import build_sft_samples
+    from mllm_msr.recommender.samples import build_sft_samples
+    from mllm_msr.recommender.score import score_samples
 
     ev = cfg.evaluate
     unknown = [b for b in ev.baselines if b not in KNOWN_BASELINES]
@@ -101,7 +101,7 @@ def run_evaluate(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
         n_users = len(set(samples["user_id"].to_pylist()))
         swapped = None
         if ev.user_sensitivity and n_users >= 2:
-            from mllm_msr.stages.sft import swap_preferences
+            from mllm_msr.recommender.samples import swap_preferences
 
             swapped = swap_preferences(samples, cfg.seed)
         for name, adapter in model_methods:

@@ -47,8 +47,8 @@ def load_image(data: bytes, side: int) -> Image.Image:
 
 def recommender_collator(processor: Any, train: Any, family: families.Family | None = None):
     """The collator of ``train`` (a :class:`~mllm_msr.config.TrainConfig`): the one encoder
-    that training (:func:`mllm_msr.stages.train.train_loop`) and scoring
-    (:class:`mllm_msr.stages.score.YesNoScorer`) both build, so their prompts cannot differ."""
+    that training (:func:`mllm_msr.recommender.train_loop.train_loop`) and scoring
+    (:class:`mllm_msr.recommender.score.YesNoScorer`) both build, so their prompts cannot differ."""
     return RecommenderCollator(
         processor,
         train.max_length,

@@ -2,7 +2,7 @@
 
 The score of a sample is ``p(yes) / (p(yes) + p(no))`` from the logits of the first answer token,
 read at the exact position the training loss supervises: samples are encoded by the training
-collator (:class:`~mllm_msr.stages.collate.RecommenderCollator`), so training and scoring share
+collator (:class:`~mllm_msr.recommender.collate.RecommenderCollator`), so training and scoring share
 one prompt template, one image resolution and one truncation rule.
 
 Path chosen: a transformers forward pass in Ray Data actors (``map_batches`` over an actor
@@ -82,7 +82,7 @@ class YesNoScorer:
     ) -> None:
         import torch
 
-        from mllm_msr.stages.collate import recommender_collator
+        from mllm_msr.recommender.collate import recommender_collator
         from mllm_msr.tiny import resolve_model
 
         path = resolve_model(model)
@@ -214,7 +214,7 @@ class YesNoScorer:
 class VLLMYesNoScorer:
     """:class:`YesNoScorer`'s contract on vLLM (``evaluate.engine: vllm``), text-only models.
 
-    Rows are encoded by the training collator (:func:`~mllm_msr.stages.collate.
+    Rows are encoded by the training collator (:func:`~mllm_msr.recommender.collate.
     recommender_collator`) and the prompt's token ids (everything before the supervised answer)
     go to vLLM as they are, so the template, truncation and special tokens are training's. The
     score is ``p(Yes) / (p(Yes) + p(No))`` from the two answer tokens' log-probabilities
@@ -235,8 +235,8 @@ class VLLMYesNoScorer:
 
         from mllm_msr.config import EngineConfig
         from mllm_msr.engines.vllm import VLLMEngine
+        from mllm_msr.recommender.collate import recommender_collator
         from mllm_msr.runtime import local_copy
-        from mllm_msr.stages.collate import recommender_collator
         from mllm_msr.tiny import resolve_model
 
         path = resolve_model(model, cache_dir)
