@@ -1,6 +1,6 @@
 """The model-family registry (mllm_msr.families): one home for what differs between families.
 
-Training (``stages/train.py``), scoring (``stages/score.py``), the collator's image sizing and
+Training (``recommender/train_loop.py``), scoring (``recommender/score.py``), the collator's image sizing and
 the LoRA target selection (``engines/peft.py``) read it; the vLLM engines read the prompt side
 (placeholders, processor kwargs). ``train.family`` is checked against the model's type.
 """
