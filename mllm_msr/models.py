@@ -188,8 +188,10 @@ def provision(name: str, cache_dir: str | os.PathLike | None = None, force: bool
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=final.parent))
     try:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        convert_gguf(source, tmp)
+        from mllm_msr.runtime import hub_env, scoped_env
+
+        with scoped_env(hub_env(True)):  # converted from the package's file only
+            convert_gguf(source, tmp)
         (tmp / STAMP_FILE).write_text(json.dumps(stamp, sort_keys=True) + "\n")
         tmp.chmod(0o755)
         for path in tmp.iterdir():

@@ -319,6 +319,58 @@ def process_env(cache_dir: str | os.PathLike, gpu: bool) -> dict[str, str]:
     return env
 
 
+def has_gpu() -> bool:
+    """Whether this process sees a CUDA device (torch not importable: no)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def apply_process_env(
+    cache_dir: str | os.PathLike,
+    gpu: bool | None = None,
+    prefix: str = "",
+    forced: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Set this process's environment from :func:`process_env` (``gpu``: detected when None);
+    the one place engine and train processes get their settings. Only the variables whose name
+    starts with ``prefix``; variables the user already set are kept, except ``forced`` ones.
+    Returns what it set. Call before the engine or model is created."""
+    env = process_env(cache_dir, has_gpu() if gpu is None else gpu)
+    applied = {}
+    for key, value in env.items():
+        if key.startswith(prefix) and key not in os.environ:
+            os.environ[key] = value
+            applied[key] = value
+    for key, value in (forced or {}).items():
+        os.environ[key] = value
+        applied[key] = value
+    return applied
+
+
+@contextmanager
+def scoped_env(env: dict[str, str]) -> Iterator[None]:
+    """Set ``env`` for the duration of the block, then restore what was there."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def node_cache_dir(configured: str | os.PathLike) -> str:
+    """The model cache of this run: ``$MLLM_MSR_CACHE`` when set (the CLI exports the config's,
+    :func:`use_cache_dir`; a node image may set its own), else the configured path, absolute."""
+    return os.environ.get("MLLM_MSR_CACHE") or str(Path(configured).absolute())
+
+
 def hub_env(offline: bool = True) -> dict[str, str]:
     """The Hugging Face hub mode: ``PipelineConfig.hf_hub_offline`` (offline for the demo and
     tests: nothing is downloaded at run time)."""
@@ -371,9 +423,9 @@ def use_cache_dir(cache_dir: str) -> str:
 
     ``MLLM_MSR_CACHE`` already set in the environment wins over the config.
     """
-    path = os.environ.get("MLLM_MSR_CACHE") or str(Path(cache_dir).absolute())
+    path = node_cache_dir(cache_dir)
     os.environ["MLLM_MSR_CACHE"] = path
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(path) / "torch_extensions"))
+    apply_process_env(path, gpu=False, prefix="TORCH_EXTENSIONS_DIR")
     return path
 
 

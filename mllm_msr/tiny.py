@@ -677,8 +677,10 @@ def build_tiny(name: str, cache_dir: str | os.PathLike | None = None, force: boo
 def _build_and_publish(name: str, spec: TinySpec, final: Path, force: bool) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=final.parent))
     try:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        with _BUILD_LOCK:
+        from mllm_msr.runtime import hub_env, scoped_env
+
+        # built from local files only: never ask the hub, whatever the caller's mode
+        with _BUILD_LOCK, scoped_env(hub_env(True)):
             _BUILDERS[name](spec, tmp)
         (tmp / STAMP_FILE).write_text(json.dumps(_stamp(spec), sort_keys=True) + "\n")
         _make_readable(tmp)

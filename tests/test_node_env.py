@@ -92,3 +92,33 @@ def test_one_process_environment_per_node_kind(clean_env, tmp_path, gpu):
     applied = vllm.configure_environment(EngineConfig(model="tiny:qwen2-vl"), tmp_path)
     assert "HF_HUB_OFFLINE" not in applied and "HF_HUB_OFFLINE" not in os.environ
     assert {k for k in env if k.startswith("VLLM_")} <= set(applied)
+
+
+def test_one_process_env_for_engines_and_train_ranks(clean_env, tmp_path):
+    """``apply_process_env`` is the one setter: the node's caches under the given dir, the
+    user's own values kept, CPU-only settings only without a GPU, ``forced`` ones always."""
+    from mllm_msr.runtime import apply_process_env, process_env
+
+    for key in process_env(tmp_path, gpu=False):
+        clean_env.delenv(key, raising=False)
+    clean_env.setenv("VLLM_CACHE_ROOT", "/somewhere/else")
+    applied = apply_process_env(tmp_path, gpu=True)
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path.absolute() / "torch_extensions")
+    assert os.environ["MLLM_MSR_CACHE"] == str(tmp_path.absolute())
+    assert os.environ["VLLM_CACHE_ROOT"] == "/somewhere/else"  # the user's value wins
+    assert "VLLM_CACHE_ROOT" not in applied
+    assert not set(cpu_only_env()) & set(os.environ)  # a GPU process gets none of them
+    applied = apply_process_env(
+        tmp_path, gpu=False, prefix="VLLM_", forced={"VLLM_CPU_KVCACHE_SPACE": "3"}
+    )
+    assert set(applied) == set(cpu_only_env())  # only the missing VLLM_ ones, and forced
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"
+
+
+def test_scoped_env_restores(clean_env):
+    from mllm_msr.runtime import hub_env, scoped_env
+
+    clean_env.setenv("TRANSFORMERS_OFFLINE", "0")
+    with scoped_env(hub_env(True)):
+        assert os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    assert "HF_HUB_OFFLINE" not in os.environ and os.environ["TRANSFORMERS_OFFLINE"] == "0"

@@ -53,7 +53,10 @@ OP_LOCK_TIMEOUT_S = 1800.0
 
 def set_extensions_dir(cache_dir: str | os.PathLike) -> str:
     """Point ``TORCH_EXTENSIONS_DIR`` into our cache (unless already set) and return it."""
-    path = os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(cache_dir) / "torch_extensions"))
+    from mllm_msr.runtime import apply_process_env
+
+    apply_process_env(cache_dir, gpu=False, prefix="TORCH_EXTENSIONS_DIR")
+    path = os.environ["TORCH_EXTENSIONS_DIR"]
     Path(path).mkdir(parents=True, exist_ok=True)
     return path
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from mllm_msr import prompts
 from mllm_msr.config import EngineConfig, SamplingConfig
+from mllm_msr.runtime import apply_process_env, has_gpu
 from mllm_msr.tiny import default_cache_dir, resolve_model, tiny_family
 
 log = logging.getLogger(__name__)
@@ -63,38 +64,18 @@ class Generation:
     error: str | None = None
 
 
-def has_gpu() -> bool:
-    """Whether torch sees a CUDA device."""
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def configure_environment(config: EngineConfig, cache_dir: str | os.PathLike) -> dict[str, str]:
     """Set vLLM's environment for this process; returns the variables it set.
 
-    The defaults are :func:`mllm_msr.runtime.process_env` (caches, telemetry off, CPU-only
-    settings only without a GPU); the hub mode is the config's (``hf_hub_offline``, set on every
-    worker by :func:`mllm_msr.runtime.init_ray`). Variables the user already set are kept, except
-    ``VLLM_CPU_KVCACHE_SPACE`` which follows the config. Must run before the engine is created.
+    vLLM's part of :func:`mllm_msr.runtime.process_env` (caches, telemetry off, CPU-only settings
+    only without a GPU), applied by :func:`mllm_msr.runtime.apply_process_env`; the hub mode is
+    the config's (``hf_hub_offline``, set on every worker by :func:`mllm_msr.runtime.init_ray`).
+    Variables the user already set are kept, except ``VLLM_CPU_KVCACHE_SPACE`` which follows the
+    config. Must run before the engine is created.
     """
-    from mllm_msr.runtime import process_env
-
     gpu = has_gpu()  # this process's node: the CPU-only settings never reach a GPU worker
-    # vLLM's part of the node's process environment (the caches of other engines are theirs)
-    defaults = {k: v for k, v in process_env(cache_dir, gpu).items() if k.startswith("VLLM_")}
-    forced: dict[str, str] = {}
-    if not gpu:
-        forced["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_space_gib)
-    applied = {}
-    for key, value in defaults.items():
-        if key not in os.environ:
-            os.environ[key] = value
-            applied[key] = value
-    for key, value in forced.items():
-        os.environ[key] = value
-        applied[key] = value
-    return applied
+    forced = {} if gpu else {"VLLM_CPU_KVCACHE_SPACE": str(config.cpu_kvcache_space_gib)}
+    return apply_process_env(cache_dir, gpu=gpu, prefix="VLLM_", forced=forced)
 
 
 def _to_pil(image: Any):

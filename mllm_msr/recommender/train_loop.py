@@ -29,7 +29,7 @@ import numpy as np
 
 from mllm_msr import families
 from mllm_msr.config import TrainConfig
-from mllm_msr.runtime import RunDir
+from mllm_msr.runtime import RunDir, apply_process_env
 
 ADAPTER_DIR = "adapter"
 """In a checkpoint (and the run directory): the peft adapter folder."""
@@ -450,9 +450,8 @@ def train_loop(config: dict) -> dict | None:
 
     t_start = time.perf_counter()
     train: TrainConfig = config["train"]
-    os.environ.setdefault(
-        "TORCH_EXTENSIONS_DIR", str(Path(config["cache_dir"]) / "torch_extensions")
-    )
+    # this rank's process settings (caches; CPU-only ones only without a GPU), from the config
+    apply_process_env(config["cache_dir"])
     worker = _Worker(config)
     worker.build()
     worker.resume()

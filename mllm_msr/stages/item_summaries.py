@@ -61,7 +61,7 @@ import pyarrow.parquet as pq
 from mllm_msr import prompts
 from mllm_msr.config import ItemSummariesConfig, PipelineConfig
 from mllm_msr.data import schema
-from mllm_msr.runtime import RunDir, init_ray
+from mllm_msr.runtime import RunDir, init_ray, node_cache_dir
 
 _log = logging.getLogger(__name__)
 STAGE = "item_summaries"
@@ -608,7 +608,7 @@ def _summarize_with_ray(
         fn_constructor_kwargs={
             "cfg": s,
             "run_uri": run.uri,
-            "cache_dir": str(Path(cfg.cache_dir).absolute()),
+            "cache_dir": node_cache_dir(cfg.cache_dir),
             "crash_on_item": crash_on,
             "hold_s": float(os.environ.get(HOLD_ENV) or 0) or None,
         },

@@ -41,7 +41,7 @@ import pyarrow.fs as pafs
 
 from mllm_msr.config import PipelineConfig, TrainConfig
 from mllm_msr.recommender.train_loop import ADAPTER_DIR, STATE_FILE, train_loop
-from mllm_msr.runtime import RunDir, init_ray
+from mllm_msr.runtime import RunDir, init_ray, node_cache_dir
 
 RUN_NAME = "recommender"
 """Ray Train run name under ``<run_dir>/train/`` (fixed, so re-running resumes)."""
@@ -171,11 +171,10 @@ def run_train(
 
     t0 = time.perf_counter()
     train = cfg.train
-    cache_dir = str(Path(cfg.cache_dir).absolute())
-    # Driver-side settings measured in DESIGN §3: ray.train.report blocks ~1.8 s without this.
+    cache_dir = node_cache_dir(cfg.cache_dir)  # each rank sets its process env from it
+    # The one driver-side setting (DESIGN §3): Ray Train's controller polls its workers this
+    # often; ray.train.report blocks ~1.8 s without it.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    os.environ.setdefault("MLLM_MSR_CACHE", cache_dir)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(cache_dir) / "torch_extensions"))
     samples, quarantined, stats = load_samples(cfg, run)
     run.remove("quarantine/train")
     if quarantined.num_rows:
