@@ -4,22 +4,19 @@ a resource that no running node has, and removes it once it idles.
 
 ``ray.cluster_utils.AutoscalingCluster`` runs ``ray stop --force`` (every Ray process of the
 host, other people's included) and reads ``fake_multi_node/example.yaml``, which Ray's wheel
-does not ship, so the test starts the head itself, as ``AutoscalingCluster.start`` does:
-``RAY_FAKE_CLUSTER=1 ray start --head --block --autoscaling-config=…`` with free ports, token
-authentication and its own temp dir, and stops exactly that process tree
-(``scripts/_local_cluster.py``'s ``stop``; the fake worker nodes are processes of the head's
-autoscaler and carry its marker). The provider settings are those of Ray's ``example.yaml``:
-``use_node_id_as_ip`` (every fake node has the host's IP; without it autoscaler v1 maps all
-nodes to one and marks each new one "launch failed"), ``disable_node_updaters`` and
-``disable_launch_config_check``. The driver runs in a subprocess whose environment carries the
-cluster's token (Ray reads its authentication settings once per process)."""
+does not ship. The test therefore starts the cluster the documented way,
+``MLLM_MSR_RAY_AUTOSCALING_CONFIG=cluster/fake-autoscaling.yaml scripts/local_cluster.sh start``
+(its own state and temp dir, free ports, token authentication, loopback addresses), and stops it
+with ``scripts/local_cluster.sh stop``, which stops exactly that cluster: the fake worker nodes
+are processes of the head's autoscaler and carry the cluster's marker. The driver runs in a
+subprocess whose environment carries the cluster's token (Ray reads its authentication settings
+once per process)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -29,9 +26,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-IDLE_TIMEOUT_MIN = 0.1  # 6 s
+SCRIPT = ROOT / "scripts" / "local_cluster.sh"
+CONFIG = ROOT / "cluster" / "fake-autoscaling.yaml"
 RESOURCE = "summarizer"  # offered by the worker type only, asked for by the item summarizers
 
 
@@ -48,107 +47,56 @@ def _uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def autoscaling_config(gcs_address: str) -> dict:
-    """A fake-multinode cluster: a head with CPUs (ingest and Ray Data's own tasks run there)
-    and one worker type, from 0, that alone offers the ``summarizer`` resource."""
-    return {
-        "cluster_name": "mllm-msr-fake",
-        "max_workers": 1,
-        "idle_timeout_minutes": IDLE_TIMEOUT_MIN,
-        "upscaling_speed": 1.0,
-        "provider": {
-            "type": "fake_multinode",
-            "gcs_address": gcs_address,  # the provider's default is the host's port 6379
-            "use_node_id_as_ip": True,
-            "disable_node_updaters": True,
-            "disable_launch_config_check": True,
-        },
-        "auth": {},
-        "docker": {},
-        "available_node_types": {
-            "ray.head.default": {"resources": {}, "node_config": {}, "max_workers": 0},
-            f"{RESOURCE}_node": {
-                "resources": {"CPU": 1, RESOURCE: 1, "object_store_memory": 150 * 2**20},
-                "node_config": {},
-                "min_workers": 0,
-                "max_workers": 1,
-            },
-        },
-        "head_node_type": "ray.head.default",
-        "file_mounts": {},
-        "cluster_synced_files": [],
-        "file_mounts_sync_continuously": False,
-        "rsync_exclude": [],
-        "rsync_filter": [],
-        "initialization_commands": [],
-        "setup_commands": [],
-        "head_setup_commands": [],
-        "worker_setup_commands": [],
-        "head_start_ray_commands": [],
-        "worker_start_ray_commands": [],
-    }
+def test_shipped_fake_autoscaling_config_scales_the_summarizer_from_zero(tmp_path):
+    """The config the README and the slow test use: one worker type, from 0, that alone
+    offers the resource; a short idle timeout; the settings Ray's fake provider needs."""
+    config = yaml.safe_load(CONFIG.read_text())
+    assert config["provider"]["type"] == "fake_multinode"
+    assert config["provider"]["use_node_id_as_ip"] is True
+    workers = {k: v for k, v in config["available_node_types"].items() if k != "ray.head.default"}
+    offering = [v for v in workers.values() if v["resources"].get(RESOURCE)]
+    assert len(offering) == 1 and offering[0]["min_workers"] == 0
+    assert 0 < config["idle_timeout_minutes"] <= 0.5
+    # local_cluster.sh's copy names the head's GCS address; other providers are refused
+    helper, out = _helper(), tmp_path / "autoscaling.json"
+    helper.autoscaling_config(str(CONFIG), str(out), "127.0.0.1:4321")
+    assert json.loads(out.read_text())["provider"]["gcs_address"] == "127.0.0.1:4321"
+    assert out.stat().st_mode & 0o077 == 0
+    aws = ROOT / "cluster" / "aws-gpu.yaml"
+    with pytest.raises(SystemExit, match="MLLM_MSR_RAY_AUTOSCALING_CONFIG.*fake_multinode"):
+        helper.autoscaling_config(str(aws), str(tmp_path / "no.json"), "127.0.0.1:4321")
 
 
 @pytest.fixture
 def fake_autoscaling_cluster(s3_server):
     """Yields (GCS address, environment for a driver of this cluster, state dir)."""
-    helper = _helper()
-    state = Path(tempfile.mkdtemp(prefix="mmsr-as-"))  # short: Ray's socket paths
-    token = state / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    port, dash = helper.free_ports(2)
-    gcs = f"127.0.0.1:{port}"
-    config = state / "autoscaling.json"
-    config.write_text(json.dumps(autoscaling_config(gcs)))
-    cluster_id = uuid.uuid4().hex
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token),
-        # loopback only, as scripts/local_cluster.sh: Ray's single-node mode keeps a loopback
-        # node IP (the fake worker nodes inherit it from the head's autoscaler)
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-    }
-    for key in ("RAY_AUTH_TOKEN", "RAY_ADDRESS"):
-        env.pop(key, None)
-    head_env = {
-        **env,
-        "RAY_FAKE_CLUSTER": "1",
-        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-        helper.MARKER_VAR: cluster_id,
-    }
-    log = open(state / "head.log", "w")
-    head = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("ray")),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={port}",
-            "--num-cpus=2",
-            "--include-dashboard=false",
-            f"--dashboard-port={dash}",
-            f"--temp-dir={state}",
-            f"--autoscaling-config={config}",
-            "--object-store-memory=150000000",
-            "--disable-usage-stats",
-        ],
-        env=head_env,
-        start_new_session=True,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    state = Path(tempfile.mkdtemp(prefix="mmsr-as-"))  # short: Ray's socket paths; mode 700
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        MLLM_MSR_RAY_DIR=str(state),
+        MLLM_MSR_RAY_FREE_PORTS="1",
+        MLLM_MSR_RAY_NUM_CPUS="2",  # ingest and Ray Data's own tasks run on the head
+        MLLM_MSR_RAY_OBJECT_STORE_BYTES="150000000",
+        MLLM_MSR_RAY_AUTOSCALING_CONFIG=str(CONFIG),
     )
+    run = {"env": env, "cwd": ROOT, "capture_output": True, "text": True}
     try:
-        yield gcs, env, state
+        started = subprocess.run([str(SCRIPT), "start"], timeout=180, **run)
+        assert started.returncode == 0, started.stdout + started.stderr
+        lines = (state / "cluster.env").read_text().splitlines()
+        cluster = dict(line.split("=", 1) for line in lines if "=" in line)
+        driver_env = {
+            **env,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": cluster["TOKEN_FILE"],
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # 127.0.0.1 stays the node IP
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        }
+        yield f"127.0.0.1:{cluster['GCS_PORT']}", driver_env, state
     finally:
-        helper.stop(head.pid, cluster_id, grace_s=10)
-        log.close()
-        left = helper.cluster_processes(head.pid, cluster_id)
+        stopped = subprocess.run([str(SCRIPT), "stop"], timeout=120, **run)
         shutil.rmtree(state, ignore_errors=True)
-        assert not left, f"processes of the test cluster still alive: {left}"
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
 
 def _worker_nodes() -> list[str]:
@@ -231,13 +179,14 @@ def test_fake_autoscaler_starts_a_node_from_zero_and_removes_it_when_idle(
         timeout=350,
     )
     line = [x for x in proc.stdout.splitlines() if x.startswith("AUTOSCALING ")]
-    head_log = (state / "head.log").read_text()[-2000:]
+    head_log = (state / "ray-start.log").read_text()[-2000:]
     assert proc.returncode == 0 and line, (proc.stdout + proc.stderr)[-4000:] + head_log
     t = json.loads(line[-1].split(" ", 1)[1])
+    idle_s = yaml.safe_load(CONFIG.read_text())["idle_timeout_minutes"] * 60
     print(
         f"[autoscaling] scale-up {t['up_s']:.1f} s (stage start -> node alive); stage "
         f"{t['stage_s']:.1f} s; scale-down {t['down_s']:.1f} s (stage end -> node removed, idle "
-        f"timeout {IDLE_TIMEOUT_MIN * 60:.0f} s); load before: {before}; after: {_uptime()}"
+        f"timeout {idle_s:.0f} s); load before: {before}; after: {_uptime()}"
     )
     # 0 -> >= 1 -> 0 worker nodes, and the summarizers ran on the node that was started
     assert t["before"] == [] and t["during"] and t["after"] == []
