@@ -162,7 +162,7 @@ def drive(address: str, uri: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)  # 78-142 s here at load 7-62
 def test_fake_autoscaler_starts_a_node_from_zero_and_removes_it_when_idle(
     fake_autoscaling_cluster, s3_server
 ):
@@ -176,7 +176,7 @@ def test_fake_autoscaler_starts_a_node_from_zero_and_removes_it_when_idle(
         env=env,
         capture_output=True,
         text=True,
-        timeout=350,
+        timeout=500,
     )
     line = [x for x in proc.stdout.splitlines() if x.startswith("AUTOSCALING ")]
     head_log = (state / "ray-start.log").read_text()[-2000:]
