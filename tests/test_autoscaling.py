@@ -10,7 +10,8 @@ does not ship. The test therefore starts the cluster the documented way,
 with ``scripts/local_cluster.sh stop``, which stops exactly that cluster: the fake worker nodes
 are processes of the head's autoscaler and carry the cluster's marker. The driver runs in a
 subprocess whose environment carries the cluster's token (Ray reads its authentication settings
-once per process)."""
+once per process). Autoscaler v1: v2's monitor needs the missing ``example.yaml`` too
+(``fillout_defaults``) and exits at start."""
 
 from __future__ import annotations
 
