@@ -3,6 +3,7 @@
     python scripts/_local_cluster.py free-ports N
     python scripts/_local_cluster.py wait-ready URL TOKEN_FILE TIMEOUT_S
     python scripts/_local_cluster.py stop ROOT_PID CLUSTER_ID [GRACE_S]
+    python scripts/_local_cluster.py autoscaling-config SRC DST GCS_ADDRESS
 
 ``stop`` stops one local cluster and nothing else. ``ray stop`` would kill every Ray process
 of the host, other people's clusters included. A cluster started by ``local_cluster.sh`` is the
@@ -139,6 +140,29 @@ def stop(root_pid: int, cluster_id: str, grace_s: float = 30.0) -> int:
     return len(alive) + len(late)
 
 
+def autoscaling_config(src: str, dst: str, gcs_address: str) -> None:
+    """Copy the autoscaling config ``src`` to ``dst`` (JSON, which is YAML) with the head's
+    ``gcs_address`` filled in. Only Ray's fake multi-node provider makes sense for a cluster
+    on this machine: any other provider type is refused."""
+    import json
+
+    import yaml
+
+    with open(src) as fh:
+        config = yaml.safe_load(fh)
+    kind = (config.get("provider") or {}).get("type") if isinstance(config, dict) else None
+    if kind != "fake_multinode":
+        raise SystemExit(
+            f"MLLM_MSR_RAY_AUTOSCALING_CONFIG={src}: provider type {kind!r}; a local cluster "
+            "autoscales only with Ray's fake multi-node provider (provider: type: "
+            "fake_multinode, e.g. cluster/fake-autoscaling.yaml); cloud configs go to `ray up`"
+        )
+    config["provider"]["gcs_address"] = gcs_address
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(config, fh, indent=1)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) >= 2 and argv[0] == "free-ports":
         print(" ".join(map(str, free_ports(int(argv[1])))))
@@ -149,6 +173,9 @@ def main(argv: list[str]) -> int:
         stop(int(argv[1]), argv[2], float(argv[3]) if len(argv) == 4 else 30.0)
         left = cluster_processes(int(argv[1]), argv[2])
         return 1 if left else 0
+    if len(argv) == 4 and argv[0] == "autoscaling-config":
+        autoscaling_config(argv[1], argv[2], argv[3])
+        return 0
     print(__doc__, file=sys.stderr)
     return 2
 

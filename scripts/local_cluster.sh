@@ -58,6 +58,10 @@
 #   MLLM_MSR_RAY_START_TIMEOUT  seconds to wait for the job API (default 120)
 #   MLLM_MSR_RAY_DRAIN_S      seconds Ray may drain the node on `stop` (default 0: stop at once,
 #                             as `ray stop` does; running jobs are killed either way)
+#   MLLM_MSR_RAY_AUTOSCALING_CONFIG   an autoscaling config with Ray's fake multi-node provider
+#                             (e.g. cluster/fake-autoscaling.yaml): the head's autoscaler starts
+#                             worker nodes on this machine on demand and removes idle ones; they
+#                             belong to the cluster (`stop` stops them too)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -171,13 +175,21 @@ cmd_start() {
     --disable-usage-stats)
   [ -n "${MLLM_MSR_RAY_NUM_CPUS:-}" ] && args+=(--num-cpus="$MLLM_MSR_RAY_NUM_CPUS")
   [ -n "${MLLM_MSR_RAY_NUM_GPUS:-}" ] && args+=(--num-gpus="$MLLM_MSR_RAY_NUM_GPUS")
+  local fake=()
+  if [ -n "${MLLM_MSR_RAY_AUTOSCALING_CONFIG:-}" ]; then
+    "$PY" "$HELPER" autoscaling-config "$MLLM_MSR_RAY_AUTOSCALING_CONFIG" \
+      "$DIR/autoscaling.json" "127.0.0.1:$port" || die "see MLLM_MSR_RAY_AUTOSCALING_CONFIG above"
+    args+=(--autoscaling-config="$DIR/autoscaling.json")
+    # as ray.cluster_utils.AutoscalingCluster starts its head; the update interval is 5 s otherwise
+    fake=(RAY_FAKE_CLUSTER=1 AUTOSCALER_UPDATE_INTERVAL_S=1)
+  fi
   local detach=()
   command -v setsid >/dev/null && detach=(setsid)
   local t0=$SECONDS
   # The marker variable is inherited by every process of the cluster; `stop` looks for it.
   env -u RAY_AUTH_TOKEN -u RAY_ADDRESS RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$token_file" \
     MLLM_MSR_RAY_CLUSTER_ID="$cluster_id" RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
-    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${MLLM_MSR_RAY_DRAIN_S:-0}" \
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${MLLM_MSR_RAY_DRAIN_S:-0}" ${fake[@]+"${fake[@]}"} \
     nohup "${detach[@]}" "$BIN/ray" "${args[@]}" > "$DIR/ray-start.log" 2>&1 < /dev/null &
   local pid=$!
   (umask 077 && cat > "$STATE") <<EOF
