@@ -14,6 +14,12 @@ Publish once (from a machine that has the model folder)::
 
     python -m mllm_msr.model_source /path/to/Qwen2.5-VL-7B-Instruct s3://bucket/models/Qwen2.5-VL-7B-Instruct
 
+On one node a process finds the synced copy under ``$MLLM_MSR_NODE_CACHE`` when the node sets it
+(its image, or the environment of its ``ray start``): a node-local variable that the driver never
+forwards, unlike ``MLLM_MSR_CACHE`` (the run's cache, which every worker gets from the driver).
+Each download appends one line to ``<name>-<hash>.downloads.jsonl`` beside the folder (host, pid,
+files, bytes, seconds), so an operator can see when and how often a node fetched a model.
+
 The two other ways need nothing here: weights baked into the node image, or a shared volume
 (EFS, NFS, a PVC) mounted on every node, each named by its local path.
 """
@@ -26,7 +32,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -35,6 +43,8 @@ MANIFEST = "MANIFEST.json"
 MANIFEST_VERSION = 1
 _DONE = ".synced.json"
 _CHUNK = 8 << 20
+NODE_CACHE_ENV = "MLLM_MSR_NODE_CACHE"
+"""A node's own model cache (set on the node, never forwarded): wins over the run's cache."""
 
 
 class ModelChecksumError(RuntimeError):
@@ -108,6 +118,22 @@ def local_dir(uri: str, cache_dir: str | os.PathLike) -> Path:
     return Path(cache_dir) / "model_source" / f"{name}-{tag}"
 
 
+def node_cache(cache_dir: str | os.PathLike) -> str:
+    """Where this node keeps synced models: ``$MLLM_MSR_NODE_CACHE`` if the node sets it, else
+    ``cache_dir`` (the run's cache)."""
+    return os.environ.get(NODE_CACHE_ENV) or str(cache_dir)
+
+
+def downloads(uri: str, cache_dir: str | os.PathLike) -> list[dict]:
+    """The download records of ``uri`` in ``cache_dir``: one per download, oldest first."""
+    dest = local_dir(uri, cache_dir)
+    try:
+        text = (dest.parent / f"{dest.name}.downloads.jsonl").read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def _synced(dest: Path, manifest: dict) -> bool:
     try:
         return json.loads((dest / _DONE).read_text()) == manifest
@@ -135,6 +161,7 @@ def sync_model(uri: str, cache_dir: str | os.PathLike) -> str:
         fs, root = pafs.FileSystem.from_uri(uri)
         root = root.rstrip("/")
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+        t0, total = time.monotonic(), 0
         try:
             for rel, want in sorted(manifest["files"].items()):
                 target = tmp / rel
@@ -145,6 +172,7 @@ def sync_model(uri: str, cache_dir: str | os.PathLike) -> str:
                         h.update(chunk)
                         n += len(chunk)
                         out.write(chunk)
+                total += n
                 if h.hexdigest() != want["sha256"] or n != want["size"]:
                     raise ModelChecksumError(
                         f"model {uri!r}: {rel} has sha256 {h.hexdigest()} ({n} bytes), the "
@@ -157,6 +185,16 @@ def sync_model(uri: str, cache_dir: str | os.PathLike) -> str:
             os.replace(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        record = {
+            "at": time.time(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "files": len(manifest["files"]),
+            "bytes": total,
+            "seconds": round(time.monotonic() - t0, 3),
+        }
+        with open(dest.parent / f"{dest.name}.downloads.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
     return str(dest)
 
 

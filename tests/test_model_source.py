@@ -13,7 +13,9 @@ import pytest
 from mllm_msr.config import ConfigError, check_model, config_from_dict
 from mllm_msr.model_source import (
     MANIFEST,
+    NODE_CACHE_ENV,
     ModelChecksumError,
+    downloads,
     local_dir,
     publish_models,
     read_manifest,
@@ -58,12 +60,21 @@ def test_empty_cache_syncs_the_published_model_once_and_loads_it(s3_server, tmp_
     (path,) = paths
     leftovers = [p.name for p in (cache / "model_source").iterdir() if p.name.startswith(".")]
     assert leftovers == []  # no half-downloaded folder stays behind
+    assert len(downloads(uri, cache)) == 1  # four processes, one download
 
     fam = resolve(path)
     synced, original = load_model(path, fam), load_model(src, fam)
     load_processor(path, fam)
     a, b = synced.state_dict(), original.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_node_cache_set_on_the_node_wins_over_the_run_cache(s3_server, tmp_path, monkeypatch):
+    uri = _uri(s3_server)
+    publish_models(resolve_model(TINY), uri)
+    monkeypatch.setenv(NODE_CACHE_ENV, str(tmp_path / "node"))
+    assert resolve_model(uri, tmp_path / "run") == str(local_dir(uri, tmp_path / "node"))
+    assert not (tmp_path / "run").exists() and len(downloads(uri, tmp_path / "node")) == 1
 
 
 def test_a_corrupt_object_fails_the_checksum_and_leaves_no_model(s3_server, tmp_path):
