@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -91,3 +92,36 @@ def test_a_corrupt_object_fails_the_checksum_and_leaves_no_model(s3_server, tmp_
     unpublished = uri + "-never"
     with pytest.raises(ConfigError, match=rf"train\.model: .*no {MANIFEST}.*model_source"):
         check_model("train.model", unpublished)
+
+
+def test_prune_removes_synced_models_out_of_date_with_their_source(s3_server, tmp_path, capsys):
+    import shutil
+
+    from mllm_msr.model_source import main, prune
+
+    src = resolve_model(TINY)
+    republished, current = _uri(s3_server), _uri(s3_server)
+    for uri in (republished, current):
+        publish_models(src, uri)
+    cache = tmp_path / "node"
+    old, kept = (Path(resolve_model(u, cache)) for u in (republished, current))
+    partial = old.parent / f".{old.name}-k1ll3d"  # a download killed midway
+    partial.mkdir()
+    changed = tmp_path / "v2"
+    shutil.copytree(src, changed)
+    (changed / "generation_config.json").write_text('{"max_new_tokens": 8}')
+    publish_models(changed, republished)  # a new version of the model
+
+    removed = prune(cache, log=lambda *_: None)
+    assert removed == [old, partial] and not old.exists() and not partial.exists()
+    assert kept.exists() and not downloads(republished, cache)
+    assert prune(cache, keep=[], dry_run=True, log=lambda *_: None) == [kept] and kept.exists()
+
+    main(["prune", "--cache-dir", str(cache), "--keep", current])
+    assert kept.exists() and "removed 0 folder(s)" in capsys.readouterr().out
+    fs, root = pafs.FileSystem.from_uri(current)
+    fs.delete_file(f"{root}/{MANIFEST}")  # the source was withdrawn
+    main(["prune", "--cache-dir", str(cache)])
+    assert "holds no MANIFEST.json" in capsys.readouterr().out and not kept.exists()
+    assert resolve_model(republished, cache) == str(old)  # the new version syncs
+    assert json.loads((old / "generation_config.json").read_text()) == {"max_new_tokens": 8}
