@@ -14,6 +14,12 @@ Publish once (from a machine that has the model folder)::
 
     python -m mllm_msr.model_source /path/to/Qwen2.5-VL-7B-Instruct s3://bucket/models/Qwen2.5-VL-7B-Instruct
 
+On one node a process finds the synced copy under ``$MLLM_MSR_NODE_CACHE`` when the node sets it
+(its image, or the environment of its ``ray start``): a node-local variable that the driver never
+forwards, unlike ``MLLM_MSR_CACHE`` (the run's cache, which every worker gets from the driver).
+Each download appends one line to ``<name>-<hash>.downloads.jsonl`` beside the folder (host, pid,
+files, bytes, seconds), so an operator can see when and how often a node fetched a model.
+
 The two other ways need nothing here: weights baked into the node image, or a shared volume
 (EFS, NFS, a PVC) mounted on every node, each named by its local path.
 """
@@ -26,7 +32,10 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -35,6 +44,8 @@ MANIFEST = "MANIFEST.json"
 MANIFEST_VERSION = 1
 _DONE = ".synced.json"
 _CHUNK = 8 << 20
+NODE_CACHE_ENV = "MLLM_MSR_NODE_CACHE"
+"""A node's own model cache (set on the node, never forwarded): wins over the run's cache."""
 
 
 class ModelChecksumError(RuntimeError):
@@ -108,6 +119,17 @@ def local_dir(uri: str, cache_dir: str | os.PathLike) -> Path:
     return Path(cache_dir) / "model_source" / f"{name}-{tag}"
 
 
+def node_cache(cache_dir: str | os.PathLike) -> str:
+    """Where this node keeps synced models: ``$MLLM_MSR_NODE_CACHE`` if the node sets it, else
+    ``cache_dir`` (the run's cache)."""
+    return os.environ.get(NODE_CACHE_ENV) or str(cache_dir)
+
+
+def downloads(uri: str, cache_dir: str | os.PathLike) -> list[dict]:
+    """The download records of ``uri`` in ``cache_dir``: one per download, oldest first."""
+    return downloads_in(local_dir(uri, cache_dir))
+
+
 def _synced(dest: Path, manifest: dict) -> bool:
     try:
         return json.loads((dest / _DONE).read_text()) == manifest
@@ -135,6 +157,7 @@ def sync_model(uri: str, cache_dir: str | os.PathLike) -> str:
         fs, root = pafs.FileSystem.from_uri(uri)
         root = root.rstrip("/")
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+        t0, total = time.monotonic(), 0
         try:
             for rel, want in sorted(manifest["files"].items()):
                 target = tmp / rel
@@ -145,6 +168,7 @@ def sync_model(uri: str, cache_dir: str | os.PathLike) -> str:
                         h.update(chunk)
                         n += len(chunk)
                         out.write(chunk)
+                total += n
                 if h.hexdigest() != want["sha256"] or n != want["size"]:
                     raise ModelChecksumError(
                         f"model {uri!r}: {rel} has sha256 {h.hexdigest()} ({n} bytes), the "
@@ -157,13 +181,128 @@ def sync_model(uri: str, cache_dir: str | os.PathLike) -> str:
             os.replace(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        record = {
+            "uri": uri.rstrip("/"),
+            "at": time.time(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "files": len(manifest["files"]),
+            "bytes": total,
+            "seconds": round(time.monotonic() - t0, 3),
+        }
+        with open(dest.parent / f"{dest.name}.downloads.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
     return str(dest)
 
 
+def _stale(uri: str | None, synced: Path) -> str | None:
+    """Why the synced folder of ``uri`` is out of date (None: current, or source unknown)."""
+    if uri is None:
+        return None
+    try:
+        manifest = read_manifest(uri)
+    except FileNotFoundError:
+        return f"its source {uri} holds no {MANIFEST} any more"
+    if not _synced(synced, manifest):
+        return f"older than the manifest of its source {uri}"
+    return None
+
+
+def prune(
+    cache_dir: str | os.PathLike,
+    keep: list[str] | None = None,
+    dry_run: bool = False,
+    log=print,
+) -> list[Path]:
+    """Remove synced models from ``<cache_dir>/model_source`` that are out of date; return them.
+
+    A synced folder goes when its source's manifest changed (republished) or is gone, and, when
+    ``keep`` (model URIs) is given, when it is not one of them. A folder whose source is not
+    known (synced before the download records named it) goes only under ``keep``. Unfinished
+    downloads (``.<name>-*`` folders of a process killed mid-download) go when no process holds
+    their lock. Each removal takes the folder's node-local lock, so it never races a sync; run
+    it between runs (an engine that loaded the model keeps working, its files are unlinked).
+    """
+    root = Path(cache_dir) / "model_source"
+    if not root.is_dir():
+        return []
+    wanted = {local_dir(uri, cache_dir).name for uri in keep} if keep is not None else None
+    removed: list[Path] = []
+    for synced in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        records = downloads_in(synced)
+        uri = records[-1].get("uri") if records else None
+        if wanted is not None and synced.name not in wanted:
+            reason = "not in the models to keep"
+        else:
+            reason = _stale(uri, synced)
+        if reason is None:
+            continue
+        log(f"[model_source] {'would remove' if dry_run else 'removing'} {synced}: {reason}")
+        removed.append(synced)
+        if dry_run:
+            continue
+        with open(root / f"{synced.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            shutil.rmtree(synced, ignore_errors=True)
+            (root / f"{synced.name}.downloads.jsonl").unlink(missing_ok=True)
+    for partial in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(".")):
+        name = partial.name[1:].rsplit("-", 1)[0]
+        with open(root / f"{name}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a download in progress
+                continue
+            log(f"[model_source] {'would remove' if dry_run else 'removing'} {partial}: unfinished")
+            removed.append(partial)
+            if not dry_run:
+                shutil.rmtree(partial, ignore_errors=True)
+    return removed
+
+
+def downloads_in(synced: Path) -> list[dict]:
+    """The download records of the synced folder ``synced`` (see :func:`downloads`)."""
+    try:
+        text = (synced.parent / f"{synced.name}.downloads.jsonl").read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _prune_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m mllm_msr.model_source prune",
+        description="Remove synced models that are out of date from a node's cache.",
+    )
+    ap.add_argument(
+        "--cache-dir",
+        default=None,
+        help=f"the node's cache (default: ${NODE_CACHE_ENV}, else $MLLM_MSR_CACHE)",
+    )
+    ap.add_argument(
+        "--keep",
+        action="append",
+        default=None,
+        metavar="URI",
+        help="a model URI to keep (repeat it); every other synced model is removed",
+    )
+    ap.add_argument("--dry-run", action="store_true", help="list what would go; remove nothing")
+    args = ap.parse_args(argv)
+    cache = args.cache_dir or os.environ.get(NODE_CACHE_ENV) or os.environ.get("MLLM_MSR_CACHE")
+    if not cache:
+        ap.error(f"no cache: pass --cache-dir or set {NODE_CACHE_ENV} or MLLM_MSR_CACHE")
+    removed = prune(cache, args.keep, args.dry_run)
+    print(f"{'would remove' if args.dry_run else 'removed'} {len(removed)} folder(s) from {cache}")
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["prune"]:
+        _prune_main(argv[1:])
+        return
     ap = argparse.ArgumentParser(
         prog="python -m mllm_msr.model_source",
-        description="Publish a model folder to object storage with its sha256 manifest.",
+        description="Publish a model folder to object storage with its sha256 manifest "
+        "(`python -m mllm_msr.model_source prune --help`: clean a node's cache).",
     )
     ap.add_argument("local_dir", help="the model folder (config.json, weights, tokenizer...)")
     ap.add_argument("dest", help="where nodes sync it from, e.g. s3://bucket/models/<name>")

@@ -367,7 +367,9 @@ def scoped_env(env: dict[str, str]) -> Iterator[None]:
 
 def node_cache_dir(configured: str | os.PathLike) -> str:
     """The model cache of this run: ``$MLLM_MSR_CACHE`` when set (the CLI exports the config's,
-    :func:`use_cache_dir`; a node image may set its own), else the configured path, absolute."""
+    :func:`use_cache_dir`, and the driver forwards it to every worker), else the configured path,
+    absolute. Models synced from object storage go to ``$MLLM_MSR_NODE_CACHE`` instead where a
+    node sets it (:func:`mllm_msr.model_source.node_cache`)."""
     return os.environ.get("MLLM_MSR_CACHE") or str(Path(configured).absolute())
 
 

@@ -730,10 +730,10 @@ def resolve_model(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
     """
     if spec.startswith(TINY_PREFIX):
         return str(build_tiny(spec[len(TINY_PREFIX) :], cache_dir))
-    from mllm_msr.model_source import is_source, sync_model
+    from mllm_msr.model_source import is_source, node_cache, sync_model
 
-    if is_source(spec):
-        return sync_model(spec, cache_dir or default_cache_dir())
+    if is_source(spec):  # into the node's own cache when it sets one (MLLM_MSR_NODE_CACHE)
+        return sync_model(spec, node_cache(cache_dir or default_cache_dir()))
     from mllm_msr.models import is_packaged_spec, resolve_packaged
 
     if is_packaged_spec(spec):  # pkg:<name>: a real model shipped inside a PyPI package

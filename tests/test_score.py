@@ -109,3 +109,18 @@ def test_answer_loss_equals_the_models_own_loss(model):
     scale = g_full.abs().max().item()
     torch.testing.assert_close(g_ours, g_full, rtol=1e-4, atol=1e-4 * scale)
     assert ((g_ours - g_full).norm() / g_full.norm()).item() < 1e-4
+
+
+def test_a_base_model_on_s3_is_synced_into_the_given_node_cache(scorer, s3_server, tmp_path):
+    import uuid
+
+    from mllm_msr.model_source import downloads, publish_models
+    from mllm_msr.tiny import resolve_model
+
+    uri = f"s3://{s3_server['bucket']}/models/{uuid.uuid4().hex[:8]}/qwen2-vl"
+    publish_models(resolve_model("tiny:qwen2-vl"), uri)
+    train = TrainConfig(max_length=512, image_size=56)
+    synced = YesNoScorer(uri, None, train, cache_dir=str(tmp_path))
+    assert len(downloads(uri, tmp_path)) == 1  # into the node cache it was given
+    rows = _rows()
+    np.testing.assert_allclose(synced.score_rows(rows), scorer.score_rows(rows), rtol=0, atol=1e-6)

@@ -69,6 +69,8 @@ class YesNoScorer:
             (template + preference) once and score the candidates from its KV cache
             (:meth:`score_rows_shared_prefix`); same scores up to float rounding, several times
             fewer tokens. Multimodal batches always take the plain path.
+        cache_dir: the node's model cache (:func:`mllm_msr.runtime.node_cache_dir`): tiny models
+            are built and ``s3://`` models synced there (default: ``$MLLM_MSR_CACHE``).
     """
 
     def __init__(
@@ -79,13 +81,14 @@ class YesNoScorer:
         precision: str = "fp32",
         micro_batch: int = 8,
         share_prefix: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         import torch
 
         from mllm_msr.recommender.collate import recommender_collator
         from mllm_msr.tiny import resolve_model
 
-        path = resolve_model(model)
+        path = resolve_model(model, cache_dir)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         fam = families.resolve(path, train.family, "train.family")
         self.model = load_recommender(path, adapter, precision, fam).to(self.device)
@@ -307,8 +310,12 @@ def score_samples(
     train: TrainConfig,
     evaluate: EvaluateConfig,
     method: str,
+    cache_dir: str | None = None,
 ) -> tuple[pa.Table, dict]:
-    """Score SFT samples with Ray Data actors; returns a SCORES table and timing stats."""
+    """Score SFT samples with Ray Data actors; returns a SCORES table and timing stats.
+
+    ``cache_dir``: where each actor resolves ``model`` (a model under ``s3://`` is synced into
+    its node's cache, :func:`mllm_msr.tiny.resolve_model`)."""
     import ray
 
     from mllm_msr.data.schema import SCORES
@@ -322,7 +329,13 @@ def score_samples(
         kwargs = {"precision": evaluate.precision, "share_prefix": evaluate.share_prefix}
     ds = ray.data.from_arrow(samples).map_batches(
         scorer,
-        fn_constructor_kwargs={"model": model, "adapter": adapter, "train": train, **kwargs},
+        fn_constructor_kwargs={
+            "model": model,
+            "adapter": adapter,
+            "train": train,
+            "cache_dir": cache_dir,
+            **kwargs,
+        },
         batch_size=pool.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pool.concurrency),

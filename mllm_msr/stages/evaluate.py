@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from mllm_msr.config import KNOWN_BASELINES, PipelineConfig
 from mllm_msr.metrics import evaluate_scores
-from mllm_msr.runtime import RunDir
+from mllm_msr.runtime import RunDir, node_cache_dir
 
 
 def select_users(candidates: pa.Table, split: str, max_users: int, seed: int) -> pa.Table:
@@ -50,6 +50,7 @@ def run_evaluate(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
     from mllm_msr.recommender.score import score_samples
 
     ev = cfg.evaluate
+    cache_dir = node_cache_dir(cfg.cache_dir)  # where the scoring actors resolve the base model
     unknown = [b for b in ev.baselines if b not in KNOWN_BASELINES]
     if unknown:
         raise ValueError(f"evaluate.baselines: unknown {unknown}; known {list(KNOWN_BASELINES)}")
@@ -105,12 +106,14 @@ def run_evaluate(cfg: PipelineConfig, run: RunDir, log=print) -> dict:
 
             swapped = swap_preferences(samples, cfg.seed)
         for name, adapter in model_methods:
-            scores, timing = score_samples(samples, cfg.train.model, adapter, cfg.train, ev, name)
+            scores, timing = score_samples(
+                samples, cfg.train.model, adapter, cfg.train, ev, name, cache_dir
+            )
             methods[name] = scores
             timings[name] = timing
             if swapped is not None:
                 other, timing = score_samples(
-                    swapped, cfg.train.model, adapter, cfg.train, ev, f"{name}@swapped"
+                    swapped, cfg.train.model, adapter, cfg.train, ev, f"{name}@swapped", cache_dir
                 )
                 timings[f"{name}@swapped"] = timing
                 sensitivity[name] = user_sensitivity(scores, other, ev.ks, cfg.seed)
