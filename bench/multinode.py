@@ -1,0 +1,194 @@
+"""Benchmark: the reduced demo pipeline on a 4-node Ray cluster with the run directory on S3,
+against one node with a local run directory, on the same machine in one sitting.
+
+* ``cluster``: ``ray.cluster_utils.Cluster`` with a head (no CPU) and three worker nodes (2, 2
+  and 3 CPUs), each offering one custom resource, so that the summarizer actors, the preference
+  actors and the train workers each run on their own node (as in
+  ``tests/test_multinode.py``); the run directory on a local S3 server (moto's
+  ``ThreadedMotoServer`` in a child process, reached through the standard ``AWS_*`` variables);
+* ``one node``: an embedded Ray with the same 7 logical CPUs and a local run directory.
+
+Both run the demo config with the reduced overrides of the tests (80 users, 60 items, 8 new
+tokens, 4 train steps). Each run starts fresh; the order alternates with ``--repeat``. Prints
+and records (``bench/results/multinode/``) the wall times and the ratio one node / cluster
+(above 1: the cluster is faster). On 2 cores all nodes share the same two cores, so the ratio
+measures the cost of the cluster's plumbing (several raylets, object transfer, S3), not a
+speed-up.
+
+    .venv/bin/python bench/multinode.py [--repeat 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mllm_msr.bench_record import BenchRecord, add_arguments  # noqa: E402
+
+REDUCED = [
+    "ingest.demo_users=80",
+    "ingest.demo_items=60",
+    "item_summaries.sampling.max_new_tokens=8",
+    "user_preferences.sampling.max_new_tokens=8",
+    "train.max_steps=4",
+    "train.checkpoint_every=4",
+    "train.image_size=56",
+]
+PLACEMENT = [
+    "item_summaries.pool.resources.summarizer=1",
+    "user_preferences.pool.resources.preferences=1",
+    "train.resources_per_worker.trainer=1",
+]
+WORKERS = [(2, {"summarizer": 1}), (2, {"preferences": 1}), (3, {"trainer": 2})]
+MOTO = """
+import logging, sys
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False)
+server.start()
+print("ready", flush=True)
+sys.stdin.read()
+server.stop()
+"""
+
+
+def start_s3() -> tuple[subprocess.Popen, str]:
+    """A local S3 server and the ``AWS_*`` variables of this process pointing at it."""
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-c", MOTO, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    if server.stdout.readline().strip() != b"ready":
+        raise RuntimeError("the local S3 server did not start")
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ENDPOINT_URL_S3": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+        }
+    )
+    bucket = "mmsr-bench"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    return server, bucket
+
+
+def run_cluster(bucket: str) -> dict:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from mllm_msr.config import load_config
+    from mllm_msr.pipeline import run_pipeline
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "object_store_memory": 150 * 2**20},
+    )
+    for cpus, resources in WORKERS:
+        cluster.add_node(num_cpus=cpus, resources=resources, object_store_memory=150 * 2**20)
+    cluster.wait_for_nodes()
+    uri = f"s3://{bucket}/bench-{uuid.uuid4().hex[:6]}"
+    cfg = load_config(
+        ROOT / "configs" / "demo-cpu.yaml",
+        [f"run_dir={uri}", f"ray.address={cluster.address}", *REDUCED, *PLACEMENT],
+    )
+    try:
+        t0 = time.perf_counter()
+        summary = run_pipeline(cfg)
+        wall = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return {
+        "nodes": 1 + len(WORKERS),
+        "run_dir": uri,
+        "seconds": round(wall, 1),
+        **_stages(summary),
+    }
+
+
+def run_one_node(tmp: Path) -> dict:
+    import ray
+
+    from mllm_msr.config import load_config
+    from mllm_msr.pipeline import run_pipeline
+
+    cpus = sum(c for c, _ in WORKERS)
+    run_dir = tmp / f"one-{uuid.uuid4().hex[:6]}"
+    cfg = load_config(
+        ROOT / "configs" / "demo-cpu.yaml",
+        [f"run_dir={run_dir}", f"ray.num_cpus={cpus}", *REDUCED],
+    )
+    try:
+        t0 = time.perf_counter()
+        summary = run_pipeline(cfg)
+        wall = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    return {"nodes": 1, "run_dir": "local", "seconds": round(wall, 1), **_stages(summary)}
+
+
+def _stages(summary: dict) -> dict:
+    return {"stage_seconds": {name: s.get("seconds") for name, s in summary["stages"].items()}}
+
+
+def main(args: argparse.Namespace) -> dict:
+    from mllm_msr.runtime import cpu_env_defaults
+
+    for key, value in cpu_env_defaults().items():  # one CPU-only host (see runtime)
+        os.environ.setdefault(key, value)
+    record = BenchRecord.start("multinode")
+    server, bucket = start_s3()
+    runs = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="mmsr-bench-") as tmp:
+            for i in range(args.repeat):
+                order = ("one", "cluster") if i % 2 == 0 else ("cluster", "one")
+                for what in order:
+                    out = run_one_node(Path(tmp)) if what == "one" else run_cluster(bucket)
+                    out["load_before_run"] = round(os.getloadavg()[0], 2)
+                    print(json.dumps(out), flush=True)
+                    runs.append(out)
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)
+    one = min(r["seconds"] for r in runs if r["nodes"] == 1)
+    many = min(r["seconds"] for r in runs if r["nodes"] > 1)
+    ratios = record.gate_ratios({"one_node_over_cluster": round(one / many, 3)}, args.allow_load)
+    report = {
+        "command": "bench/multinode.py " + " ".join(sys.argv[1:]),
+        "overrides": REDUCED,
+        "runs": runs,
+        "ratios": ratios,
+    }
+    if not args.no_record:
+        print("record:", record.write(report), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({"ratios": ratios, "notes": record.notes}), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=1, help="pairs of runs (order alternates)")
+    add_arguments(parser)
+    main(parser.parse_args())
