@@ -227,3 +227,22 @@ def test_qwen_vl_image_that_cannot_fit_names_image_size_too():
     enc = collator.encode(_sample(1))
     image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert enc["input_ids"].shape[1] <= 200 and int((enc["input_ids"] == image_id).sum()) == 16
+
+
+def test_a_config_whose_max_length_cannot_hold_an_image_fails_before_ray_train(tmp_path):
+    """The driver builds the collator before any worker: the paper's max_length 512 with
+    LLaVA-v1.6 fails at once, naming the setting, and no Ray is started for it."""
+    import ray
+
+    from mllm_msr.config import load_config
+    from mllm_msr.runtime import RunDir
+    from mllm_msr.stages.train import run_train
+
+    cfg = load_config(
+        ROOT / "configs" / "paper-llava.yaml",
+        ["train.model=tiny:llava-next", "train.max_length=512", f"run_dir={tmp_path / 'run'}"],
+    )
+    was_up = ray.is_initialized()
+    with pytest.raises(ValueError, match=r"train\.max_length=512 .*1176 tokens"):
+        run_train(cfg, RunDir(cfg.run_dir))
+    assert ray.is_initialized() == was_up

@@ -61,6 +61,20 @@ def _frozen_checksum(model) -> float:
     return float(total)
 
 
+def build_collator(train: TrainConfig, cache_dir: str):
+    """The model's path, family and the recommender collator of ``train``, built before the
+    model: a ``train.max_length`` that cannot hold the template, one image and the answer fails
+    here, naming the setting. The driver calls it too (:func:`mllm_msr.stages.train.run_train`),
+    so such a config fails before Ray Train starts any worker."""
+    from mllm_msr.recommender.collate import recommender_collator
+    from mllm_msr.tiny import resolve_model
+
+    model_path = resolve_model(train.model, cache_dir)
+    fam = families.resolve(model_path, train.family, "train.family")
+    processor = families.load_processor(model_path, fam)
+    return model_path, fam, recommender_collator(processor, train, fam)
+
+
 class _Shard:
     """Micro-batches of a Ray Data shard, kept in lock step across ranks.
 
@@ -212,16 +226,10 @@ class _Worker:
         from mllm_msr import prompts
         from mllm_msr.engines import deepspeed as ds
         from mllm_msr.engines import peft as lora
-        from mllm_msr.recommender.collate import recommender_collator
-        from mllm_msr.tiny import resolve_model
 
         train = self.train
         torch.manual_seed(train.seed)
-        model_path = resolve_model(train.model, self.config["cache_dir"])
-        fam = families.resolve(model_path, train.family, "train.family")
-        processor = families.load_processor(model_path, fam)
-        # Built before the model: a max_length that cannot hold an image fails here, naming it.
-        self.collator = recommender_collator(processor, train, fam)
+        model_path, fam, self.collator = build_collator(train, self.config["cache_dir"])
         model = lora.apply_lora(_load_model(model_path, ds.use_bf16(train), fam), train.lora, fam)
         torch.manual_seed(train.seed + self.rank)  # dropout differs per rank
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from mllm_msr.config import PipelineConfig, TrainConfig
-from mllm_msr.recommender.train_loop import ADAPTER_DIR, STATE_FILE, train_loop
+from mllm_msr.recommender.train_loop import ADAPTER_DIR, STATE_FILE, build_collator, train_loop
 from mllm_msr.runtime import RunDir, init_ray, node_cache_dir
 
 RUN_NAME = "recommender"
@@ -175,6 +175,10 @@ def run_train(
     # The one driver-side setting (DESIGN §3): Ray Train's controller polls its workers this
     # often; ray.train.report blocks ~1.8 s without it.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    from mllm_msr.model_source import is_source
+
+    if not is_source(train.model):  # on object storage: each rank's node syncs it, not the driver
+        build_collator(train, cache_dir)  # a max_length that cannot hold an image fails here
     samples, quarantined, stats = load_samples(cfg, run)
     run.remove("quarantine/train")
     if quarantined.num_rows:
