@@ -370,9 +370,18 @@ class UserPreferencesConfig:
     """History items without a summary: show the title only (counted), or quarantine the user."""
     noun: str = "item"
     """What the prompts call an item ("video" for MicroLens, "product" for Amazon)."""
+    feeding: Literal["continuous", "rounds"] = "continuous"
+    """How a batch's recurrence feeds the engine: ``continuous`` queues a user's next block as
+    soon as their previous one finishes (the running batch stays full); ``rounds`` sends block
+    r of every user as one synchronous call (the reference). Speed only: not in the stage's
+    fingerprint (texts are equal under greedy decoding in float32, see the stage's docs)."""
+    max_in_flight: int = 0
+    """With continuous feeding, at most this many requests in the engine at once (0: one per
+    user of the batch, i.e. up to ``pool.batch_size``). Speed only."""
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "block_size")
+        _at_least(self, 0, "max_in_flight")
         _non_empty(self, "noun")
 
 

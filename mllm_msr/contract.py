@@ -100,7 +100,10 @@ STAGES: dict[str, Stage] = {
             inputs=("prepare", "item_summaries"),
             outputs=("preferences", "quarantine/user_preferences"),
             config=("user_preferences",),
-            ignore=tuple(f"user_preferences.{k}" for k in _POOL + _ENGINE_SPEED),
+            ignore=tuple(
+                f"user_preferences.{k}"
+                for k in _POOL + _ENGINE_SPEED + ("feeding", "max_in_flight")
+            ),
             prompts=("preference_recurrent", "preference_direct"),
             incremental=True,
             fresh_kwarg=True,

@@ -6,7 +6,9 @@ One :class:`VLLMEngine` owns one ``vllm.LLM``, built from an :class:`~mllm_msr.c
 parts, images as PIL images or encoded bytes) and offers:
 
 * :meth:`VLLMEngine.generate`: text out, with prompt/output token counts (greedy when the
-  temperature is 0, seeded otherwise);
+  temperature is 0, seeded otherwise), one synchronous call per batch;
+* :meth:`VLLMEngine.stream`: the same requests fed continuously (:class:`GenerationStream`:
+  submit any time, step the engine, collect answers as they finish);
 * :meth:`VLLMEngine.score_yes_no`: ``p(Yes) / (p(Yes) + p(No))`` of the first answer token,
   optionally through a LoRA adapter (score in fp32: bf16 scores collapse into ties).
 
@@ -127,6 +129,121 @@ def to_vllm_chat(chat: Chat) -> list[dict[str, Any]]:
             content = parts
         out.append({"role": message["role"], "content": content})
     return out
+
+
+def _sampling_params(sampling: SamplingConfig, seed: int):
+    """vLLM's ``SamplingParams`` of one request (greedy when the temperature is 0; ``seed``
+    is used only when sampling)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        repetition_penalty=sampling.repetition_penalty,
+        seed=None if sampling.temperature == 0 else seed,
+    )
+
+
+def _generation(o: Any) -> Generation:
+    """A :class:`Generation` from a vLLM ``RequestOutput`` or the exception of a request."""
+    if isinstance(o, Exception):
+        return Generation("", 0, 0, "error", f"{type(o).__name__}: {o}")
+    return Generation(
+        text=o.outputs[0].text,
+        prompt_tokens=len(o.prompt_token_ids or []),
+        output_tokens=len(o.outputs[0].token_ids),
+        finish_reason=o.outputs[0].finish_reason,
+    )
+
+
+class GenerationStream:
+    """Continuous feeding of one :class:`VLLMEngine` (vLLM's ``LLM.enqueue_chat`` +
+    ``LLMEngine.step``).
+
+    :meth:`submit` renders a chat exactly as :meth:`VLLMEngine.generate` does (the same chat
+    template path, ``LLM.chat``'s) and queues it in the engine at once; :meth:`step` runs one
+    engine scheduling step (one forward pass over the running batch: prefills and decodes)
+    and returns the requests that finished, as ``(tag, Generation)``. A request submitted
+    while others run joins the running batch at the next step, so the batch stays full
+    instead of draining as in a synchronous ``generate`` call.
+
+    Sampling is per request: greedy when the temperature is 0, else seeded with the seed given
+    to :meth:`submit` (results do not depend on what else runs). With ``on_error="skip"`` a
+    request the engine refuses (e.g. a prompt longer than ``max_model_len``, an undecodable
+    image) comes back from the next :meth:`step` as a ``Generation`` with
+    ``finish_reason="error"``; with ``"raise"`` :meth:`submit` raises. The stream assumes it
+    is the engine's only user while requests are in flight; :meth:`close` aborts what is left.
+    """
+
+    def __init__(
+        self,
+        engine: VLLMEngine,
+        sampling: SamplingConfig,
+        lora_path: str | os.PathLike | None = None,
+        on_error: str = "raise",
+    ) -> None:
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        self.engine = engine
+        self.sampling = sampling
+        self.on_error = on_error
+        self._lora = engine._lora_request(lora_path)
+        # LLM's request id (a counter; what outputs carry) -> (engine's internal id, tag)
+        self._tags: dict[str, tuple[str, Any]] = {}
+        self._failed: list[tuple[Any, Generation]] = []
+        self.steps = 0
+        """Engine steps run so far (scheduling iterations, each one forward pass)."""
+        self.submitted = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet returned by :meth:`step`."""
+        return len(self._tags) + len(self._failed)
+
+    def submit(self, tag: Any, chat: Chat, seed: int | None = None) -> None:
+        """Queue ``chat`` in the engine; its answer comes back from :meth:`step` with ``tag``."""
+        self.submitted += 1
+        params = _sampling_params(self.sampling, self.sampling.seed if seed is None else seed)
+        try:
+            chats = self.engine._prepare([chat])
+            ids = self.engine.llm.enqueue_chat(
+                chats, [params], use_tqdm=False, lora_request=self._lora
+            )
+        except _request_errors() as exc:
+            if self.on_error == "raise":
+                raise
+            self._failed.append((tag, _generation(exc)))
+            return
+        # the engine returns its internal id "<LLM's id>-<random suffix>"; outputs carry LLM's
+        self._tags[ids[0].split("-", 1)[0]] = (ids[0], tag)
+
+    def step(self) -> list[tuple[Any, Generation]]:
+        """One engine step; the requests that finished (refused requests first, no step)."""
+        if self._failed:
+            failed, self._failed = self._failed, []
+            return failed
+        if not self._tags:
+            return []
+        engine = self.engine.llm.llm_engine
+        out = []
+        self.steps += 1
+        for o in engine.step():
+            if o.finished and o.request_id in self._tags:
+                out.append((self._tags.pop(o.request_id)[1], _generation(o)))
+        if self._tags and not engine.has_unfinished_requests():
+            lost = sorted(self._tags)
+            self._tags.clear()
+            raise RuntimeError(f"the engine dropped requests {lost} without an answer")
+        return out
+
+    def close(self) -> None:
+        """Abort the requests still in the engine."""
+        if self._tags and self.engine._llm is not None:
+            internal = [i for i, _ in self._tags.values()]
+            self.engine.llm.llm_engine.abort_request(internal, internal=True)
+        self._tags.clear()
+        self._failed.clear()
 
 
 class VLLMEngine:
@@ -268,38 +385,25 @@ class VLLMEngine:
         ``max_model_len``, an undecodable image) into a :class:`Generation` with
         ``finish_reason="error"`` instead of failing the whole batch.
         """
-        from vllm import SamplingParams
-
         if not requests:
             return []
         if seeds is not None and len(seeds) != len(requests):
             raise ValueError(f"{len(seeds)} seeds for {len(requests)} requests")
         params = [
-            SamplingParams(
-                max_tokens=sampling.max_new_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                repetition_penalty=sampling.repetition_penalty,
-                seed=None
-                if sampling.temperature == 0
-                else (seeds[i] if seeds is not None else sampling.seed + i),
-            )
+            _sampling_params(sampling, seeds[i] if seeds is not None else sampling.seed + i)
             for i in range(len(requests))
         ]
-        results = []
-        for o in self._chat(requests, params, lora_path, on_error):
-            if isinstance(o, Exception):
-                results.append(Generation("", 0, 0, "error", f"{type(o).__name__}: {o}"))
-            else:
-                results.append(
-                    Generation(
-                        text=o.outputs[0].text,
-                        prompt_tokens=len(o.prompt_token_ids or []),
-                        output_tokens=len(o.outputs[0].token_ids),
-                        finish_reason=o.outputs[0].finish_reason,
-                    )
-                )
-        return results
+        return [_generation(o) for o in self._chat(requests, params, lora_path, on_error)]
+
+    def stream(
+        self,
+        sampling: SamplingConfig,
+        lora_path: str | os.PathLike | None = None,
+        on_error: str = "raise",
+    ) -> GenerationStream:
+        """A :class:`GenerationStream` over this engine: requests submitted at any time, the
+        engine stepped by the caller, answers collected as they finish (continuous feeding)."""
+        return GenerationStream(self, sampling, lora_path, on_error)
 
     def score_yes_no(
         self,
