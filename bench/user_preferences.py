@@ -22,6 +22,12 @@ prompts; only the feeding differs:
   stage's feeding, ``--feeding``); its users/s counts the time inside the actors' wavefronts
   (``wavefront_seconds``).
 
+Every engine, the stage's actor included, runs ``--cpu-threads`` OpenMP/torch threads
+(``engine.cpu_threads``; default every core) and Ray's workers run at ``--worker-niceness``
+(0), like this process. Without that the comparison is unfair: Ray gives an actor
+``OMP_NUM_THREADS`` = its ``num_cpus`` (1) and nice 15, while an engine in this process used
+both cores (the 0.70x "actor gap" of the first SmolLM2 record).
+
 Workloads: ``--workload tiny`` (tiny random Qwen2, 16 new tokens) or ``smollm2``
 (SmolLM2-135M-Instruct, ``pkg:smollm2`` from ``make bench-install``, 64 new tokens); ``--model``
 and friends override. Ratios are refused when the load average exceeds the core count
@@ -176,6 +182,9 @@ def run_stage(users: list[UserWork], up: UserPreferencesConfig, args: argparse.N
     root = tempfile.mkdtemp(prefix="bench-up-")
     ray_tmp = tempfile.mkdtemp(prefix="bup-ray-")
     env = {k: os.environ.get(k, v) for k, v in cpu_env_defaults().items()}
+    # Ray starts workers at nice 15, which starves the actor against busy nice-0 processes
+    # (this one's Ray Data driver included): the same priority as the in-process runs.
+    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
     # A private local cluster: never attach to another cluster running on this host.
     ray.init(
         address="local",
@@ -246,6 +255,7 @@ def run_stage(users: list[UserWork], up: UserPreferencesConfig, args: argparse.N
             "users_per_s": round(summary["rows_out"] / seconds, 3),
             "active_s": summary["wavefront_seconds"],
             "active_users_per_s": round(summary["rows_out"] / summary["wavefront_seconds"], 3),
+            "engine_threads": summary["engine_threads"],
             "rerun_seconds": rerun["seconds"],
             "rerun_engine_calls": rerun["engine_calls"],
         }
@@ -269,6 +279,9 @@ def main(args: argparse.Namespace) -> dict:
             dtype=args.dtype,
             max_num_seqs=args.users_per_batch,
             max_model_len=2048,
+            # the same threads in this process and in the stage's actor (Ray gives an actor
+            # OMP_NUM_THREADS = its num_cpus, 1 by default; a plain process every core)
+            cpu_threads=args.cpu_threads,
         ),
         sampling=SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0),
         block_size=args.block_size,
@@ -290,6 +303,7 @@ def main(args: argparse.Namespace) -> dict:
         "stage_feeding": args.feeding,
         "max_in_flight": args.max_in_flight,
         "engine_startup_s": round(startup, 2),
+        "engine_cpu_threads": engine.cpu_threads,
         "command": " ".join(sys.argv),
         "runs": [],
     }
@@ -399,6 +413,13 @@ def make_parser() -> argparse.ArgumentParser:
         help="the stage's feeding (user_preferences.feeding)",
     )
     p.add_argument("--max-in-flight", type=int, default=0, help="user_preferences.max_in_flight")
+    p.add_argument("--worker-niceness", type=int, default=0, help="nice value of Ray workers")
+    p.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="engine.cpu_threads of every engine, the stage's included (default: every core)",
+    )
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

@@ -142,6 +142,11 @@ class EngineConfig:
     """Upper bound on pixels per image given to the processor (fixed resolution when set)."""
     cpu_kvcache_space_gib: int = 1
     """KV cache size on CPU (``VLLM_CPU_KVCACHE_SPACE``); ignored on GPU."""
+    cpu_threads: int = 0
+    """OpenMP/torch threads of the engine on a host without a GPU. 0: the CPUs the process was
+    given, i.e. ``OMP_NUM_THREADS`` when set (Ray sets it to an actor's ``pool.num_cpus``:
+    one thread for the default pool), else every core the process may run on. A Ray actor and
+    a plain process therefore differ unless this is set (DESIGN.md section 4). Speed only."""
     seed: int = 0
     enable_lora: bool = False
     """Allow LoRA adapters per request (``VLLMEngine.score_yes_no(..., lora_path=...)``)."""
@@ -168,7 +173,7 @@ class EngineConfig:
             "max_loras",
         )
         _in_range(self, "gpu_memory_utilization", 0, 1, "(]")
-        _at_least(self, 0, "seed")
+        _at_least(self, 0, "seed", "cpu_threads")
 
 
 @dataclass

@@ -53,7 +53,11 @@ class Stage:
 
 
 _POOL = ("pool", "engine.max_num_seqs", "engine.gpu_memory_utilization")
-_ENGINE_SPEED = ("engine.cpu_kvcache_space_gib", "engine.tensor_parallel_size")
+_ENGINE_SPEED = (
+    "engine.cpu_kvcache_space_gib",
+    "engine.tensor_parallel_size",
+    "engine.cpu_threads",
+)
 
 RECOMMENDER_TEMPLATES = tuple(prompts.recommender_template(p) for p in prompts.RECOMMENDER_PROMPTS)
 """Every recommender template (``train.prompt`` picks one; ``train.prompt`` is in the config)."""

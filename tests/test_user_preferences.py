@@ -253,6 +253,22 @@ def test_continuous_feeding_falls_back_on_failed_and_empty_answers():
     assert chains["b"][0].text == stage.fallback_text(_items(3))
 
 
+def test_engine_threads_follow_the_config_then_the_process_cpus(monkeypatch):
+    """engine.cpu_threads wins; else OMP_NUM_THREADS (what Ray gives an actor: its num_cpus);
+    else every core the process may use (a plain process: why a bench engine and the stage's
+    actor differed)."""
+    from mllm_msr.config import EngineConfig
+    from mllm_msr.engines.vllm import cpu_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads(EngineConfig(cpu_threads=3)) == 3
+    assert cpu_threads(EngineConfig()) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_threads(EngineConfig()) == len(os.sched_getaffinity(0))
+    with pytest.raises(ValueError, match="cpu_threads"):
+        EngineConfig(cpu_threads=-1)
+
+
 def test_direct_mode_summarizes_the_whole_history_in_one_prompt():
     works = [UserWork(f"u{u}", _items(n)) for u, n in enumerate([2, 7, 10])]
     calls: list = []

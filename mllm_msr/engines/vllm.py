@@ -96,7 +96,33 @@ def configure_environment(config: EngineConfig, cache_dir: str | os.PathLike) ->
     for key, value in forced.items():
         os.environ[key] = value
         applied[key] = value
+    if not gpu:
+        threads = str(cpu_threads(config))
+        os.environ["OMP_NUM_THREADS"] = threads
+        applied["OMP_NUM_THREADS"] = threads
     return applied
+
+
+def cpu_threads(config: EngineConfig) -> int:
+    """The engine's OpenMP/torch threads on CPU: ``config.cpu_threads``, else the process's
+    ``OMP_NUM_THREADS`` (a Ray actor's ``num_cpus``), else the cores it may run on."""
+    if config.cpu_threads:
+        return config.cpu_threads
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _apply_cpu_threads(n: int) -> None:
+    """Set torch's intra-op threads before vLLM starts: vLLM's CPU worker then replaces
+    ``torch.set_num_threads`` by a warning, and keeps threads it finds with ``OMP_NUM_THREADS``
+    set outside it (otherwise it tries to reduce them to 1, which that replacement skips: the
+    count would be whatever the process had)."""
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch._C.set_num_threads(n)  # torch.set_num_threads itself, past vLLM's replacement
 
 
 def _to_pil(image: Any):
@@ -264,7 +290,12 @@ class VLLMEngine:
                 f"family={config.family!r}"
             )
         self.family = prompts.family(config.family)
-        configure_environment(config, self.cache_dir)
+        applied = configure_environment(config, self.cache_dir)
+        self.cpu_threads: int | None = None
+        """OpenMP/torch threads of the engine (None on a GPU host)."""
+        if "OMP_NUM_THREADS" in applied:
+            self.cpu_threads = int(applied["OMP_NUM_THREADS"])
+            _apply_cpu_threads(self.cpu_threads)
 
         from vllm import LLM
 
@@ -294,7 +325,12 @@ class VLLMEngine:
             kwargs.update(
                 enable_lora=True, max_lora_rank=config.max_lora_rank, max_loras=config.max_loras
             )
-        log.info("starting vLLM engine for %s (%s)", config.model, self.model_path)
+        log.info(
+            "starting vLLM engine for %s (%s, %s CPU threads)",
+            config.model,
+            self.model_path,
+            self.cpu_threads,
+        )
         self._llm = LLM(**kwargs)
         self._loras: dict[str, Any] = {}
         self._yes_no: tuple[int, int] | None = None

@@ -689,16 +689,19 @@ class PreferenceWorker:
         self.feeder = engine_feeder(self.engine, self.up)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in ("part", "node_id", *_STAT_FIELDS)}
+        out: dict[str, list] = {k: [] for k in ("part", "node_id", "threads", *_STAT_FIELDS)}
         import ray
+        import torch
 
         node = ray.get_runtime_context().get_node_id()
+        threads = torch.get_num_threads()  # the engine's, in the thread that runs it
         for part, payload in zip(batch["part"], batch["payload"]):
             works = [UserWork.from_json(w) for w in json.loads(payload)]
             table, stats = process_batch(works, self.generate, self.up, self.feeder)
             self.run.write_table(TABLE, table, name=part)
             out["part"].append(part)
             out["node_id"].append(node)
+            out["threads"].append(threads)
             for name in _STAT_FIELDS:
                 out[name].append(getattr(stats, name))
         return out
@@ -706,9 +709,9 @@ class PreferenceWorker:
 
 def _run_batches_on_ray(
     cfg: PipelineConfig, run: RunDir, batches: list[tuple[str, list[UserWork]]]
-) -> tuple[WavefrontStats, list[str]]:
-    """Map :class:`PreferenceWorker` actors over ``batches``; the stats and the Ray node ids
-    the batches ran on."""
+) -> tuple[WavefrontStats, list[str], list[int]]:
+    """Map :class:`PreferenceWorker` actors over ``batches``; the stats, the Ray node ids
+    the batches ran on and the engines' torch thread counts."""
     import ray.data
 
     from mllm_msr.runtime import init_ray
@@ -747,13 +750,14 @@ def _run_batches_on_ray(
     works = [w for _, ws in batches for w in ws]
     n_users = len(works)
     progress = Progress(STAGE, total=blocks_to_do(works, up), unit="blocks")
-    total, nodes = WavefrontStats(), set()
+    total, nodes, threads = WavefrontStats(), set(), set()
     for r in results.iter_rows():  # one row per finished batch of users, as it finishes
         total.add(WavefrontStats(**{k: r[k] for k in _STAT_FIELDS}))
         nodes.add(r["node_id"])
+        threads.add(int(r["threads"]))
         progress.set(total.blocks, users=f"{total.users}/{n_users}")
     progress.close()
-    return total, sorted(nodes)
+    return total, sorted(nodes), sorted(threads)
 
 
 def blocks_to_do(works: Sequence[UserWork], up: UserPreferencesConfig) -> int:
@@ -801,8 +805,9 @@ def run_user_preferences(cfg: PipelineConfig, run: RunDir, fresh: bool = False) 
         run.write_table(TABLE, table, name=name)
         stats.add(s)
     nodes: list[str] = []
+    threads: list[int] = []
     if engine_batches:
-        engine_stats, nodes = _run_batches_on_ray(cfg, run, engine_batches)
+        engine_stats, nodes, threads = _run_batches_on_ray(cfg, run, engine_batches)
         stats.add(engine_stats)
     planned = {n for n, _ in plan.batches}
     stale = sorted(p for p in existing_before if p not in planned)
@@ -840,6 +845,7 @@ def run_user_preferences(cfg: PipelineConfig, run: RunDir, fresh: bool = False) 
         "users_per_batch": up.pool.batch_size,
         "seconds": round(time.perf_counter() - t0, 2),
         "nodes": nodes,
+        "engine_threads": threads,
         **plan.counts,
     }
     if summary["rows_in"] != summary["rows_out"] + summary["quarantined"]:
