@@ -243,9 +243,13 @@ def run_stage(users: list[UserWork], up: UserPreferencesConfig, args: argparse.N
                 schema=schema.SEQUENCES,
             ),
         )
-        t0 = time.perf_counter()
+        import resource
+
+        t0, ru0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         summary = run_user_preferences(cfg, run)
-        seconds = time.perf_counter() - t0
+        seconds, ru1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+        # CPU this driver process spent (Ray Data's executor, planning, reading the output)
+        driver_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         rerun = run_user_preferences(cfg, run)
         return {
             "users": summary["rows_out"],
@@ -256,6 +260,7 @@ def run_stage(users: list[UserWork], up: UserPreferencesConfig, args: argparse.N
             "active_s": summary["wavefront_seconds"],
             "active_users_per_s": round(summary["rows_out"] / summary["wavefront_seconds"], 3),
             "engine_threads": summary["engine_threads"],
+            "driver_cpu_s": round(driver_cpu, 2),
             "rerun_seconds": rerun["seconds"],
             "rerun_engine_calls": rerun["engine_calls"],
         }
