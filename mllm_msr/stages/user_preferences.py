@@ -835,7 +835,9 @@ def run_user_preferences(cfg: PipelineConfig, run: RunDir, fresh: bool = False) 
         "batches_skipped": len(plan.batches) - len(todo),
         "stale_parts_removed": len(stale),
         "blocks": stats.blocks,
+        # synchronous generate calls (feeding "rounds") or engine steps ("continuous")
         "engine_calls": stats.engine_calls,
+        "feeding": up.feeding,
         "empty_outputs": stats.empty_outputs,
         "engine_errors": stats.engine_errors,
         # time inside the wavefronts (summed over batches; engine start and Ray excluded)
