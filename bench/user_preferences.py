@@ -313,7 +313,7 @@ def main(args: argparse.Namespace) -> dict:
         "runs": [],
     }
     # Warm-up (kernels, caches) outside the timings.
-    warm = make_users(8, args.min_items, args.max_items, args.catalog, seed=10_000)
+    warm = make_users(args.warm_users, args.min_items, args.max_items, args.catalog, seed=10_000)
     warm_calls: list = []
     run_wavefront(warm, recording(generate, warm_calls), up, args.users_per_batch)
     run_continuous(warm, engine, up, args.users_per_batch)
@@ -418,6 +418,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="the stage's feeding (user_preferences.feeding)",
     )
     p.add_argument("--max-in-flight", type=int, default=0, help="user_preferences.max_in_flight")
+    p.add_argument(
+        "--warm-users",
+        type=int,
+        default=8,
+        help="users of the untimed warm-up of each in-process engine (the stage has none)",
+    )
     p.add_argument("--worker-niceness", type=int, default=0, help="nice value of Ray workers")
     p.add_argument(
         "--cpu-threads",
