@@ -506,6 +506,11 @@ class VLLMEngine:
             scores.append(1.0 / (1.0 + math.exp(diff)) if diff < 700 else 0.0)
         return scores
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the cached prompt prefixes (benchmarks: each timed pass starts without the
+        previous pass's prompts in the cache). True when vLLM reset it."""
+        return bool(self.llm.reset_prefix_cache())
+
     def close(self) -> None:
         """Release the engine (memory, KV cache). The object is unusable afterwards."""
         if self._llm is None:
