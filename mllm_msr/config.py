@@ -142,6 +142,11 @@ class EngineConfig:
     """Upper bound on pixels per image given to the processor (fixed resolution when set)."""
     cpu_kvcache_space_gib: int = 1
     """KV cache size on CPU (``VLLM_CPU_KVCACHE_SPACE``); ignored on GPU."""
+    cpu_threads: int = 0
+    """OpenMP/torch threads of the engine on a host without a GPU. 0: the CPUs the process was
+    given, i.e. ``OMP_NUM_THREADS`` when set (Ray sets it to an actor's ``pool.num_cpus``:
+    one thread for the default pool), else every core the process may run on. A Ray actor and
+    a plain process therefore differ unless this is set (DESIGN.md section 4). Speed only."""
     seed: int = 0
     enable_lora: bool = False
     """Allow LoRA adapters per request (``VLLMEngine.score_yes_no(..., lora_path=...)``)."""
@@ -168,7 +173,7 @@ class EngineConfig:
             "max_loras",
         )
         _in_range(self, "gpu_memory_utilization", 0, 1, "(]")
-        _at_least(self, 0, "seed")
+        _at_least(self, 0, "seed", "cpu_threads")
 
 
 @dataclass
@@ -370,9 +375,18 @@ class UserPreferencesConfig:
     """History items without a summary: show the title only (counted), or quarantine the user."""
     noun: str = "item"
     """What the prompts call an item ("video" for MicroLens, "product" for Amazon)."""
+    feeding: Literal["continuous", "rounds"] = "continuous"
+    """How a batch's recurrence feeds the engine: ``continuous`` queues a user's next block as
+    soon as their previous one finishes (the running batch stays full); ``rounds`` sends block
+    r of every user as one synchronous call (the reference). Speed only: not in the stage's
+    fingerprint (texts are equal under greedy decoding in float32, see the stage's docs)."""
+    max_in_flight: int = 0
+    """With continuous feeding, at most this many requests in the engine at once (0: one per
+    user of the batch, i.e. up to ``pool.batch_size``). Speed only."""
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "block_size")
+        _at_least(self, 0, "max_in_flight")
         _non_empty(self, "noun")
 
 

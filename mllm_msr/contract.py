@@ -53,7 +53,11 @@ class Stage:
 
 
 _POOL = ("pool", "engine.max_num_seqs", "engine.gpu_memory_utilization")
-_ENGINE_SPEED = ("engine.cpu_kvcache_space_gib", "engine.tensor_parallel_size")
+_ENGINE_SPEED = (
+    "engine.cpu_kvcache_space_gib",
+    "engine.tensor_parallel_size",
+    "engine.cpu_threads",
+)
 
 RECOMMENDER_TEMPLATES = tuple(prompts.recommender_template(p) for p in prompts.RECOMMENDER_PROMPTS)
 """Every recommender template (``train.prompt`` picks one; ``train.prompt`` is in the config)."""
@@ -100,7 +104,10 @@ STAGES: dict[str, Stage] = {
             inputs=("prepare", "item_summaries"),
             outputs=("preferences", "quarantine/user_preferences"),
             config=("user_preferences",),
-            ignore=tuple(f"user_preferences.{k}" for k in _POOL + _ENGINE_SPEED),
+            ignore=tuple(
+                f"user_preferences.{k}"
+                for k in _POOL + _ENGINE_SPEED + ("feeding", "max_in_flight")
+            ),
             prompts=("preference_recurrent", "preference_direct"),
             incremental=True,
             fresh_kwarg=True,

@@ -181,6 +181,32 @@ class TestTextLLM:
         assert all(o.text and o.output_tokens == GREEDY.max_new_tokens for o in out)
         assert out[1].prompt_tokens > out[0].prompt_tokens
 
+    def test_stream_answers_like_generate_and_skips_refused_requests(self, engine):
+        """Continuous feeding: requests submitted while others run give generate's answers
+        (greedy, and sampled with the same per-request seed); a refused request comes back as
+        an error Generation with on_error="skip" and raises with "raise"."""
+        history = [{"title": "Red circle", "summary": "a red circle"}, {"title": "Blue square"}]
+        chats = [prompts.preference_messages(p, history) for p in (None, "likes red", "x y z")]
+        too_long = prompts.user_text("red blue " * 1000)  # > max_model_len tokens
+        sampled = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3)
+        for sampling in (GREEDY, sampled):
+            want = engine.generate(chats, sampling, seeds=[11, 12, 13])
+            stream = engine.stream(sampling, on_error="skip")
+            stream.submit("a", chats[0], seed=11)
+            got = dict(stream.step())  # one step: the first request runs, then others join
+            stream.submit("bad", too_long, seed=0)
+            stream.submit("b", chats[1], seed=12)
+            stream.submit("c", chats[2], seed=13)
+            while stream.in_flight:
+                got.update(stream.step())
+            assert [got[k].text for k in "abc"] == [w.text for w in want]
+            assert got["bad"].finish_reason == "error" and got["bad"].text == ""
+            assert stream.steps >= GREEDY.max_new_tokens and stream.submitted == 4
+        strict = engine.stream(GREEDY)
+        with pytest.raises(Exception, match="maximum context length"):
+            strict.submit("bad", too_long)
+        assert engine.llm.llm_engine.get_num_unfinished_requests() == 0
+
     def test_yes_no_scores_match_transformers(self, engine, tmp_path):
         from transformers import AutoModelForCausalLM
 

@@ -6,7 +6,9 @@ One :class:`VLLMEngine` owns one ``vllm.LLM``, built from an :class:`~mllm_msr.c
 parts, images as PIL images or encoded bytes) and offers:
 
 * :meth:`VLLMEngine.generate`: text out, with prompt/output token counts (greedy when the
-  temperature is 0, seeded otherwise);
+  temperature is 0, seeded otherwise), one synchronous call per batch;
+* :meth:`VLLMEngine.stream`: the same requests fed continuously (:class:`GenerationStream`:
+  submit any time, step the engine, collect answers as they finish);
 * :meth:`VLLMEngine.score_yes_no`: ``p(Yes) / (p(Yes) + p(No))`` of the first answer token,
   optionally through a LoRA adapter (score in fp32: bf16 scores collapse into ties).
 
@@ -70,12 +72,37 @@ def configure_environment(config: EngineConfig, cache_dir: str | os.PathLike) ->
     vLLM's part of :func:`mllm_msr.runtime.process_env` (caches, telemetry off, CPU-only settings
     only without a GPU), applied by :func:`mllm_msr.runtime.apply_process_env`; the hub mode is
     the config's (``hf_hub_offline``, set on every worker by :func:`mllm_msr.runtime.init_ray`).
-    Variables the user already set are kept, except ``VLLM_CPU_KVCACHE_SPACE`` which follows the
-    config. Must run before the engine is created.
+    Variables the user already set are kept, except ``VLLM_CPU_KVCACHE_SPACE`` and, without a
+    GPU, ``OMP_NUM_THREADS`` (:func:`cpu_threads`), which follow the config. Must run before the
+    engine is created.
     """
     gpu = has_gpu()  # this process's node: the CPU-only settings never reach a GPU worker
     forced = {} if gpu else {"VLLM_CPU_KVCACHE_SPACE": str(config.cpu_kvcache_space_gib)}
+    if not gpu:  # the engine's threads (a Ray actor's OMP_NUM_THREADS is its num_cpus)
+        forced["OMP_NUM_THREADS"] = str(cpu_threads(config))
     return apply_process_env(cache_dir, gpu=gpu, prefix="VLLM_", forced=forced)
+
+
+def cpu_threads(config: EngineConfig) -> int:
+    """The engine's OpenMP/torch threads on CPU: ``config.cpu_threads``, else the process's
+    ``OMP_NUM_THREADS`` (a Ray actor's ``num_cpus``), else the cores it may run on."""
+    if config.cpu_threads:
+        return config.cpu_threads
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _apply_cpu_threads(n: int) -> None:
+    """Set torch's intra-op threads before vLLM starts: vLLM's CPU worker then replaces
+    ``torch.set_num_threads`` by a warning, and keeps threads it finds with ``OMP_NUM_THREADS``
+    set outside it (otherwise it tries to reduce them to 1, which that replacement skips: the
+    count would be whatever the process had)."""
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch._C.set_num_threads(n)  # torch.set_num_threads itself, past vLLM's replacement
 
 
 def _to_pil(image: Any):
@@ -110,6 +137,121 @@ def to_vllm_chat(chat: Chat) -> list[dict[str, Any]]:
     return out
 
 
+def _sampling_params(sampling: SamplingConfig, seed: int):
+    """vLLM's ``SamplingParams`` of one request (greedy when the temperature is 0; ``seed``
+    is used only when sampling)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        repetition_penalty=sampling.repetition_penalty,
+        seed=None if sampling.temperature == 0 else seed,
+    )
+
+
+def _generation(o: Any) -> Generation:
+    """A :class:`Generation` from a vLLM ``RequestOutput`` or the exception of a request."""
+    if isinstance(o, Exception):
+        return Generation("", 0, 0, "error", f"{type(o).__name__}: {o}")
+    return Generation(
+        text=o.outputs[0].text,
+        prompt_tokens=len(o.prompt_token_ids or []),
+        output_tokens=len(o.outputs[0].token_ids),
+        finish_reason=o.outputs[0].finish_reason,
+    )
+
+
+class GenerationStream:
+    """Continuous feeding of one :class:`VLLMEngine` (vLLM's ``LLM.enqueue_chat`` +
+    ``LLMEngine.step``).
+
+    :meth:`submit` renders a chat exactly as :meth:`VLLMEngine.generate` does (the same chat
+    template path, ``LLM.chat``'s) and queues it in the engine at once; :meth:`step` runs one
+    engine scheduling step (one forward pass over the running batch: prefills and decodes)
+    and returns the requests that finished, as ``(tag, Generation)``. A request submitted
+    while others run joins the running batch at the next step, so the batch stays full
+    instead of draining as in a synchronous ``generate`` call.
+
+    Sampling is per request: greedy when the temperature is 0, else seeded with the seed given
+    to :meth:`submit` (results do not depend on what else runs). With ``on_error="skip"`` a
+    request the engine refuses (e.g. a prompt longer than ``max_model_len``, an undecodable
+    image) comes back from the next :meth:`step` as a ``Generation`` with
+    ``finish_reason="error"``; with ``"raise"`` :meth:`submit` raises. The stream assumes it
+    is the engine's only user while requests are in flight; :meth:`close` aborts what is left.
+    """
+
+    def __init__(
+        self,
+        engine: VLLMEngine,
+        sampling: SamplingConfig,
+        lora_path: str | os.PathLike | None = None,
+        on_error: str = "raise",
+    ) -> None:
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        self.engine = engine
+        self.sampling = sampling
+        self.on_error = on_error
+        self._lora = engine._lora_request(lora_path)
+        # LLM's request id (a counter; what outputs carry) -> (engine's internal id, tag)
+        self._tags: dict[str, tuple[str, Any]] = {}
+        self._failed: list[tuple[Any, Generation]] = []
+        self.steps = 0
+        """Engine steps run so far (scheduling iterations, each one forward pass)."""
+        self.submitted = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet returned by :meth:`step`."""
+        return len(self._tags) + len(self._failed)
+
+    def submit(self, tag: Any, chat: Chat, seed: int | None = None) -> None:
+        """Queue ``chat`` in the engine; its answer comes back from :meth:`step` with ``tag``."""
+        self.submitted += 1
+        params = _sampling_params(self.sampling, self.sampling.seed if seed is None else seed)
+        try:
+            chats = self.engine._prepare([chat])
+            ids = self.engine.llm.enqueue_chat(
+                chats, [params], use_tqdm=False, lora_request=self._lora
+            )
+        except _request_errors() as exc:
+            if self.on_error == "raise":
+                raise
+            self._failed.append((tag, _generation(exc)))
+            return
+        # the engine returns its internal id "<LLM's id>-<random suffix>"; outputs carry LLM's
+        self._tags[ids[0].split("-", 1)[0]] = (ids[0], tag)
+
+    def step(self) -> list[tuple[Any, Generation]]:
+        """One engine step; the requests that finished (refused requests first, no step)."""
+        if self._failed:
+            failed, self._failed = self._failed, []
+            return failed
+        if not self._tags:
+            return []
+        engine = self.engine.llm.llm_engine
+        out = []
+        self.steps += 1
+        for o in engine.step():
+            if o.finished and o.request_id in self._tags:
+                out.append((self._tags.pop(o.request_id)[1], _generation(o)))
+        if self._tags and not engine.has_unfinished_requests():
+            lost = sorted(self._tags)
+            self._tags.clear()
+            raise RuntimeError(f"the engine dropped requests {lost} without an answer")
+        return out
+
+    def close(self) -> None:
+        """Abort the requests still in the engine."""
+        if self._tags and self.engine._llm is not None:
+            internal = [i for i, _ in self._tags.values()]
+            self.engine.llm.llm_engine.abort_request(internal, internal=True)
+        self._tags.clear()
+        self._failed.clear()
+
+
 class VLLMEngine:
     """One vLLM engine built from an :class:`EngineConfig`.
 
@@ -128,7 +270,12 @@ class VLLMEngine:
                 f"family={config.family!r}"
             )
         self.family = prompts.family(config.family)
-        configure_environment(config, self.cache_dir)
+        applied = configure_environment(config, self.cache_dir)
+        self.cpu_threads: int | None = None
+        """OpenMP/torch threads of the engine (None on a GPU host)."""
+        if "OMP_NUM_THREADS" in applied:
+            self.cpu_threads = int(applied["OMP_NUM_THREADS"])
+            _apply_cpu_threads(self.cpu_threads)
 
         from vllm import LLM
 
@@ -158,7 +305,12 @@ class VLLMEngine:
             kwargs.update(
                 enable_lora=True, max_lora_rank=config.max_lora_rank, max_loras=config.max_loras
             )
-        log.info("starting vLLM engine for %s (%s)", config.model, self.model_path)
+        log.info(
+            "starting vLLM engine for %s (%s, %s CPU threads)",
+            config.model,
+            self.model_path,
+            self.cpu_threads,
+        )
         self._llm = LLM(**kwargs)
         self._loras: dict[str, Any] = {}
         self._yes_no: tuple[int, int] | None = None
@@ -249,38 +401,25 @@ class VLLMEngine:
         ``max_model_len``, an undecodable image) into a :class:`Generation` with
         ``finish_reason="error"`` instead of failing the whole batch.
         """
-        from vllm import SamplingParams
-
         if not requests:
             return []
         if seeds is not None and len(seeds) != len(requests):
             raise ValueError(f"{len(seeds)} seeds for {len(requests)} requests")
         params = [
-            SamplingParams(
-                max_tokens=sampling.max_new_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                repetition_penalty=sampling.repetition_penalty,
-                seed=None
-                if sampling.temperature == 0
-                else (seeds[i] if seeds is not None else sampling.seed + i),
-            )
+            _sampling_params(sampling, seeds[i] if seeds is not None else sampling.seed + i)
             for i in range(len(requests))
         ]
-        results = []
-        for o in self._chat(requests, params, lora_path, on_error):
-            if isinstance(o, Exception):
-                results.append(Generation("", 0, 0, "error", f"{type(o).__name__}: {o}"))
-            else:
-                results.append(
-                    Generation(
-                        text=o.outputs[0].text,
-                        prompt_tokens=len(o.prompt_token_ids or []),
-                        output_tokens=len(o.outputs[0].token_ids),
-                        finish_reason=o.outputs[0].finish_reason,
-                    )
-                )
-        return results
+        return [_generation(o) for o in self._chat(requests, params, lora_path, on_error)]
+
+    def stream(
+        self,
+        sampling: SamplingConfig,
+        lora_path: str | os.PathLike | None = None,
+        on_error: str = "raise",
+    ) -> GenerationStream:
+        """A :class:`GenerationStream` over this engine: requests submitted at any time, the
+        engine stepped by the caller, answers collected as they finish (continuous feeding)."""
+        return GenerationStream(self, sampling, lora_path, on_error)
 
     def score_yes_no(
         self,
@@ -346,6 +485,11 @@ class VLLMEngine:
             diff = first[no].logprob - first[yes].logprob
             scores.append(1.0 / (1.0 + math.exp(diff)) if diff < 700 else 0.0)
         return scores
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget the cached prompt prefixes (benchmarks: each timed pass starts without the
+        previous pass's prompts in the cache). True when vLLM reset it."""
+        return bool(self.llm.reset_prefix_cache())
 
     def close(self) -> None:
         """Release the engine (memory, KV cache). The object is unusable afterwards."""

@@ -9,9 +9,14 @@ no-recurrence ablation) sends the whole history in one prompt.
 Execution (a *wavefront*). Users are sorted by id and cut into batches of
 ``user_preferences.pool.batch_size`` users. Each batch is one row of a Ray Data dataset mapped
 by an actor pool whose actors each own one :class:`~mllm_msr.engines.vllm.VLLMEngine`. Inside a
-batch, round k sends block k of every user that still has one as **one** ``generate`` call, so
-the recurrence costs K engine calls per batch (K = the most blocks of any of its users), not K
-per user as in the reference code. Each actor writes its batch's states as one Parquet part
+batch the engine is fed continuously (``user_preferences.feeding: continuous``, the default,
+:func:`continuous_wavefront`): every user's first block is queued at once and a user's block
+k+1 is queued as soon as their block k is answered, so the engine's running batch stays full
+and each chain advances on its own (at most ``max_in_flight`` requests in the engine). The
+reference ``feeding: rounds`` (:func:`wavefront`) sends block k of every user that still has
+one as **one** synchronous ``generate`` call (K calls per batch, K = the most blocks of any of
+its users, not K per user as in the reference code), so each round waits for its slowest
+request. Both send the same prompts. Each actor writes its batch's states as one Parquet part
 file, so a crash loses at most the batches in flight.
 
 Output ``preferences/`` (:data:`~mllm_msr.data.schema.PREFERENCES`): every intermediate state,
@@ -70,10 +75,11 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import pyarrow as pa
 
@@ -161,6 +167,9 @@ class WavefrontStats:
     blocks: int = 0
     """Blocks summarized by the engine (reused states excluded)."""
     engine_calls: int = 0
+    """Times the recurrence waited on the engine: synchronous ``generate`` calls (one per
+    round) with ``feeding="rounds"``; engine scheduling steps (one forward pass each) with
+    ``feeding="continuous"``."""
     empty_outputs: int = 0
     engine_errors: int = 0
     seconds: float = 0.0
@@ -322,6 +331,157 @@ def wavefront(
         round_no += 1
     stats.seconds = time.perf_counter() - t0
     return chains, stats
+
+
+class Feeder(Protocol):
+    """A continuously fed engine: :meth:`submit` queues one request, :meth:`poll` advances the
+    engine (one scheduling step) and returns the requests that finished as ``(key, text)``
+    (text None when the engine failed on that request); ``in_flight`` counts the requests
+    submitted and not yet returned. :func:`engine_feeder` wraps a vLLM engine,
+    :func:`generate_feeder` any :data:`GenerateFn`."""
+
+    in_flight: int
+
+    def submit(self, key: str, chat: prompts.Chat) -> None: ...
+
+    def poll(self) -> list[tuple[str, Optional[str]]]: ...
+
+
+class _GenerateFeeder:
+    """A :data:`GenerateFn` as a :class:`Feeder`: each poll answers everything submitted
+    since the previous one in one call (scripted engines in tests, the copy-only path)."""
+
+    def __init__(self, generate: GenerateFn) -> None:
+        self.generate = generate
+        self.queue: list[tuple[str, prompts.Chat]] = []
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.queue)
+
+    def submit(self, key: str, chat: prompts.Chat) -> None:
+        self.queue.append((key, chat))
+
+    def poll(self) -> list[tuple[str, Optional[str]]]:
+        queue, self.queue = self.queue, []
+        if not queue:
+            return []
+        texts = self.generate([c for _, c in queue], [k for k, _ in queue])
+        if len(texts) != len(queue):
+            raise RuntimeError(f"engine returned {len(texts)} answers for {len(queue)} prompts")
+        return [(k, t) for (k, _), t in zip(queue, texts)]
+
+
+def generate_feeder(generate: GenerateFn) -> Feeder:
+    """Feed ``generate`` as a :class:`Feeder` (one call per poll)."""
+    return _GenerateFeeder(generate)
+
+
+class _EngineFeeder:
+    def __init__(self, engine: Any, up: UserPreferencesConfig) -> None:
+        self.stream = engine.stream(up.sampling, on_error="skip")
+        self.sampled = up.sampling.temperature > 0
+        self.seed = up.sampling.seed
+
+    @property
+    def in_flight(self) -> int:
+        return self.stream.in_flight
+
+    def submit(self, key: str, chat: prompts.Chat) -> None:
+        seed = stable_seed(self.seed, key) if self.sampled else None
+        self.stream.submit(key, chat, seed=seed)
+
+    def poll(self) -> list[tuple[str, Optional[str]]]:
+        return [
+            (key, None if g.finish_reason == "error" else g.text) for key, g in self.stream.step()
+        ]
+
+
+def engine_feeder(engine: Any, up: UserPreferencesConfig) -> Feeder:
+    """Feed a :class:`~mllm_msr.engines.vllm.VLLMEngine` continuously (its ``stream``): seeds
+    from :func:`stable_seed` of each request's key, failing requests answered None."""
+    return _EngineFeeder(engine, up)
+
+
+def continuous_wavefront(
+    works: Sequence[UserWork],
+    feeder: Feeder,
+    up: UserPreferencesConfig,
+    trace: dict[str, list[prompts.Chat]] | None = None,
+) -> tuple[dict[str, list[State]], WavefrontStats]:
+    """The recurrence of every user in ``works``, fed continuously: as soon as a user's block
+    finishes, their next block is queued, so every chain advances on its own and the engine's
+    running batch stays full (no round waits for its slowest request).
+
+    Same prompts, states, fallbacks and counts as :func:`wavefront` (each prompt depends only
+    on the user's previous state); ``engine_calls`` counts the feeder's polls (engine
+    scheduling steps for a vLLM engine). At most ``up.max_in_flight`` requests are in flight
+    (0: one per user). Users start in the order given.
+    """
+    t0 = time.perf_counter()
+    settings = settings_key(up)
+    stats = WavefrontStats(users=len(works))
+    chains: dict[str, list[State]] = {w.user_id: list(w.reused) for w in works}
+    by_id = {w.user_id: w for w in works}
+    pending: dict[str, list[tuple[int, int]]] = {}
+    hashes: dict[str, list[str]] = {}
+    for w in works:
+        blocks = [b for b in block_bounds(len(w.items), up.block_size, up.mode) if b[0] >= w.start]
+        if blocks:
+            pending[w.user_id] = blocks
+            hashes[w.user_id] = prefix_hashes(w.items, settings)
+    ready = deque(u for u in by_id if u in pending)  # users whose next block can be sent
+    cap = up.max_in_flight or max(1, len(ready))
+    sent: dict[str, tuple[str, int, int]] = {}  # key -> (user, start, end)
+
+    def submit(u: str) -> None:
+        start, end = pending[u][len(chains[u]) - len(by_id[u].reused)]
+        chain = chains[u]
+        chat = user_prompt(
+            chain[-1].text if chain else None, by_id[u].items[start:end], up.mode, up.noun
+        )
+        if trace is not None:
+            trace.setdefault(u, []).append(chat)
+        key = f"{u}@{end}"
+        sent[key] = (u, start, end)
+        feeder.submit(key, chat)
+
+    while ready or sent:
+        while ready and len(sent) < cap:
+            submit(ready.popleft())
+        done = feeder.poll()
+        stats.engine_calls += 1
+        for key, text in done:
+            u, start, end = sent.pop(key)
+            stats.blocks += 1
+            chain = chains[u]
+            if text is None:
+                stats.engine_errors += 1
+            text = (text or "").strip()
+            if not text:
+                stats.empty_outputs += 1
+                text = chain[-1].text if chain else fallback_text(by_id[u].items[start:end])
+            chain.append(State(consumed=end, text=text, inputs_hash=hashes[u][end]))
+            if len(chain) - len(by_id[u].reused) < len(pending[u]):
+                ready.append(u)
+        if not done and sent and not feeder.in_flight:
+            raise RuntimeError(f"the engine lost {len(sent)} requests")
+    stats.seconds = time.perf_counter() - t0
+    return chains, stats
+
+
+def run_recurrence(
+    works: Sequence[UserWork],
+    up: UserPreferencesConfig,
+    generate: GenerateFn,
+    feeder: Feeder | None = None,
+    trace: dict[str, list[prompts.Chat]] | None = None,
+) -> tuple[dict[str, list[State]], WavefrontStats]:
+    """The recurrence as ``up.feeding`` says: :func:`continuous_wavefront` on ``feeder``
+    (default: ``generate`` as a feeder), or the round-by-round :func:`wavefront`."""
+    if up.feeding == "rounds":
+        return wavefront(works, generate, up, trace)
+    return continuous_wavefront(works, feeder or generate_feeder(generate), up, trace)
 
 
 def state_rows(
@@ -500,10 +660,13 @@ def stable_seed(seed: int, key: str) -> int:
 
 
 def process_batch(
-    works: Sequence[UserWork], generate: GenerateFn, up: UserPreferencesConfig
+    works: Sequence[UserWork],
+    generate: GenerateFn,
+    up: UserPreferencesConfig,
+    feeder: Feeder | None = None,
 ) -> tuple[pa.Table, WavefrontStats]:
-    """One batch: the wavefront, then its PREFERENCES table."""
-    chains, stats = wavefront(works, generate, up)
+    """One batch: the recurrence (:func:`run_recurrence`), then its PREFERENCES table."""
+    chains, stats = run_recurrence(works, up, generate, feeder)
     return state_rows(chains, up, {w.user_id: len(w.items) for w in works}), stats
 
 
@@ -523,18 +686,22 @@ class PreferenceWorker:
         self.run = RunDir(run_uri)
         self.engine = VLLMEngine(self.up.engine, cache_dir=cache_dir)
         self.generate = engine_generate(self.engine, self.up)
+        self.feeder = engine_feeder(self.engine, self.up)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in ("part", "node_id", *_STAT_FIELDS)}
+        out: dict[str, list] = {k: [] for k in ("part", "node_id", "threads", *_STAT_FIELDS)}
         import ray
+        import torch
 
         node = ray.get_runtime_context().get_node_id()
+        threads = torch.get_num_threads()  # the engine's, in the thread that runs it
         for part, payload in zip(batch["part"], batch["payload"]):
             works = [UserWork.from_json(w) for w in json.loads(payload)]
-            table, stats = process_batch(works, self.generate, self.up)
+            table, stats = process_batch(works, self.generate, self.up, self.feeder)
             self.run.write_table(TABLE, table, name=part)
             out["part"].append(part)
             out["node_id"].append(node)
+            out["threads"].append(threads)
             for name in _STAT_FIELDS:
                 out[name].append(getattr(stats, name))
         return out
@@ -542,9 +709,9 @@ class PreferenceWorker:
 
 def _run_batches_on_ray(
     cfg: PipelineConfig, run: RunDir, batches: list[tuple[str, list[UserWork]]]
-) -> tuple[WavefrontStats, list[str]]:
-    """Map :class:`PreferenceWorker` actors over ``batches``; the stats and the Ray node ids
-    the batches ran on."""
+) -> tuple[WavefrontStats, list[str], list[int]]:
+    """Map :class:`PreferenceWorker` actors over ``batches``; the stats, the Ray node ids
+    the batches ran on and the engines' torch thread counts."""
     import ray.data
 
     from mllm_msr.runtime import init_ray
@@ -583,13 +750,14 @@ def _run_batches_on_ray(
     works = [w for _, ws in batches for w in ws]
     n_users = len(works)
     progress = Progress(STAGE, total=blocks_to_do(works, up), unit="blocks")
-    total, nodes = WavefrontStats(), set()
+    total, nodes, threads = WavefrontStats(), set(), set()
     for r in results.iter_rows():  # one row per finished batch of users, as it finishes
         total.add(WavefrontStats(**{k: r[k] for k in _STAT_FIELDS}))
         nodes.add(r["node_id"])
+        threads.add(int(r["threads"]))
         progress.set(total.blocks, users=f"{total.users}/{n_users}")
     progress.close()
-    return total, sorted(nodes)
+    return total, sorted(nodes), sorted(threads)
 
 
 def blocks_to_do(works: Sequence[UserWork], up: UserPreferencesConfig) -> int:
@@ -637,8 +805,9 @@ def run_user_preferences(cfg: PipelineConfig, run: RunDir, fresh: bool = False) 
         run.write_table(TABLE, table, name=name)
         stats.add(s)
     nodes: list[str] = []
+    threads: list[int] = []
     if engine_batches:
-        engine_stats, nodes = _run_batches_on_ray(cfg, run, engine_batches)
+        engine_stats, nodes, threads = _run_batches_on_ray(cfg, run, engine_batches)
         stats.add(engine_stats)
     planned = {n for n, _ in plan.batches}
     stale = sorted(p for p in existing_before if p not in planned)
@@ -666,7 +835,9 @@ def run_user_preferences(cfg: PipelineConfig, run: RunDir, fresh: bool = False) 
         "batches_skipped": len(plan.batches) - len(todo),
         "stale_parts_removed": len(stale),
         "blocks": stats.blocks,
+        # synchronous generate calls (feeding "rounds") or engine steps ("continuous")
         "engine_calls": stats.engine_calls,
+        "feeding": up.feeding,
         "empty_outputs": stats.empty_outputs,
         "engine_errors": stats.engine_errors,
         # time inside the wavefronts (summed over batches; engine start and Ray excluded)
@@ -676,6 +847,7 @@ def run_user_preferences(cfg: PipelineConfig, run: RunDir, fresh: bool = False) 
         "users_per_batch": up.pool.batch_size,
         "seconds": round(time.perf_counter() - t0, 2),
         "nodes": nodes,
+        "engine_threads": threads,
         **plan.counts,
     }
     if summary["rows_in"] != summary["rows_out"] + summary["quarantined"]:
