@@ -46,6 +46,7 @@ both ways are compared on the sequential subset. Prints a JSON report (and write
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -196,8 +197,15 @@ def run_stage(users: list[UserWork], up: UserPreferencesConfig, args: argparse.N
     )
     try:
         cfg = PipelineConfig(run_dir=root, ray=RayConfig(num_cpus=os.cpu_count()))
+        up = dataclasses.replace(up, pool=dataclasses.replace(up.pool))
         cfg.user_preferences = up
         up.pool.batch_size = args.users_per_batch
+        if args.stage_actors > 1:  # the users split across actors, the cores across engines
+            up.pool.concurrency = args.stage_actors
+            up.pool.batch_size = -(-len(users) // args.stage_actors)
+            up.engine = dataclasses.replace(
+                up.engine, cpu_threads=max(1, args.cpu_threads // args.stage_actors)
+            )
         if args.cache_dir:
             cfg.cache_dir = args.cache_dir
         run = RunDir(root)
@@ -260,6 +268,7 @@ def run_stage(users: list[UserWork], up: UserPreferencesConfig, args: argparse.N
             "active_s": summary["wavefront_seconds"],
             "active_users_per_s": round(summary["rows_out"] / summary["wavefront_seconds"], 3),
             "engine_threads": summary["engine_threads"],
+            "actors": args.stage_actors,
             "driver_cpu_s": round(driver_cpu, 2),
             "rerun_seconds": rerun["seconds"],
             "rerun_engine_calls": rerun["engine_calls"],
@@ -435,6 +444,12 @@ def make_parser() -> argparse.ArgumentParser:
         type=int,
         default=len(os.sched_getaffinity(0)),
         help="engine.cpu_threads of every engine, the stage's included (default: every core)",
+    )
+    p.add_argument(
+        "--stage-actors",
+        type=int,
+        default=1,
+        help="actors of the stage (the users split evenly, --cpu-threads divided among them)",
     )
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
