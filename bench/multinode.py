@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,59 +32,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' reduced demo and local S3 server
+
+from reduced_demo import REDUCED_DEMO as REDUCED  # noqa: E402
+from s3_local import aws_env, start_server, stop_server  # noqa: E402
 
 from mllm_msr.bench_record import BenchRecord, add_arguments  # noqa: E402
 
-REDUCED = [
-    "ingest.demo_users=80",
-    "ingest.demo_items=60",
-    "item_summaries.sampling.max_new_tokens=8",
-    "user_preferences.sampling.max_new_tokens=8",
-    "train.max_steps=4",
-    "train.checkpoint_every=4",
-    "train.image_size=56",
-]
 PLACEMENT = [
     "item_summaries.pool.resources.summarizer=1",
     "user_preferences.pool.resources.preferences=1",
     "train.resources_per_worker.trainer=1",
 ]
 WORKERS = [(2, {"summarizer": 1}), (2, {"preferences": 1}), (3, {"trainer": 2})]
-MOTO = """
-import logging, sys
-from moto.server import ThreadedMotoServer
-logging.getLogger("werkzeug").setLevel(logging.ERROR)
-server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False)
-server.start()
-print("ready", flush=True)
-sys.stdin.read()
-server.stop()
-"""
 
 
 def start_s3() -> tuple[subprocess.Popen, str]:
-    """A local S3 server and the ``AWS_*`` variables of this process pointing at it."""
+    """A local S3 server (``tests/s3_local.py``), this process's ``AWS_*`` variables pointing
+    at it, and a bucket."""
     import boto3
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-c", MOTO, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    if server.stdout.readline().strip() != b"ready":
-        raise RuntimeError("the local S3 server did not start")
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(
-        {
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ENDPOINT_URL_S3": endpoint,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_REGION": "us-east-1",
-        }
-    )
+    server, endpoint = start_server()
+    os.environ.update(aws_env(endpoint))
     bucket = "mmsr-bench"
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
     return server, bucket
@@ -168,8 +136,7 @@ def main(args: argparse.Namespace) -> dict:
                     print(json.dumps(out), flush=True)
                     runs.append(out)
     finally:
-        server.stdin.close()
-        server.wait(timeout=30)
+        stop_server(server)
     one = min(r["seconds"] for r in runs if r["nodes"] == 1)
     many = min(r["seconds"] for r in runs if r["nodes"] > 1)
     ratios = record.gate_ratios({"one_node_over_cluster": round(one / many, 3)}, args.allow_load)

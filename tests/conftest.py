@@ -60,18 +60,6 @@ def _start_local_ray() -> None:
 # --------------------------------------------------------------------------- object storage
 
 
-MOTO_SERVER = """
-import logging, sys
-from moto.server import ThreadedMotoServer
-logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False)
-server.start()
-print("ready", flush=True)
-sys.stdin.read()
-server.stop()
-"""
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 API on 127.0.0.1 (moto's ``ThreadedMotoServer``) with one bucket.
@@ -81,43 +69,11 @@ def s3_server():
     (``init_ray`` forwards ``AWS_*``) reach it; restores them afterwards. Yields
     ``{"endpoint", "bucket"}``; a run directory is ``s3://<bucket>/<name>``.
     """
-    import socket
-    import subprocess
-    import sys
-    import time
-
     import boto3
+    from s3_local import aws_env, start_server, stop_server
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # In a child process: moto's server imports Flask, whose context proxies make vLLM's
-    # kernel registration (it walks every loaded module) fail in this test process.
-    server = subprocess.Popen(
-        [sys.executable, "-c", MOTO_SERVER, str(port)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert server.stdout.readline().strip() == "ready", "moto server did not start"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ENDPOINT_URL_S3": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-    }
+    server, endpoint = start_server()
+    env = aws_env(endpoint)
     saved = {k: os.environ.get(k) for k in [*env, "AWS_SESSION_TOKEN", "AWS_PROFILE"]}
     os.environ.pop("AWS_SESSION_TOKEN", None)
     os.environ.pop("AWS_PROFILE", None)
@@ -127,12 +83,7 @@ def s3_server():
     try:
         yield {"endpoint": endpoint, "bucket": bucket}
     finally:
-        server.stdin.close()  # the child exits at end of input
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -320,14 +320,7 @@ def wavefront(
         stats.engine_calls += 1
         stats.blocks += len(chats)
         for u, (start, end), text in zip(active, spans, texts):
-            chain = chains[u]
-            if text is None:
-                stats.engine_errors += 1
-            text = (text or "").strip()
-            if not text:
-                stats.empty_outputs += 1
-                text = chain[-1].text if chain else fallback_text(by_id[u].items[start:end])
-            chain.append(State(consumed=end, text=text, inputs_hash=hashes[u][end]))
+            _append_state(chains[u], text, by_id[u].items[start:end], end, hashes[u][end], stats)
         round_no += 1
     stats.seconds = time.perf_counter() - t0
     return chains, stats
@@ -455,13 +448,7 @@ def continuous_wavefront(
             u, start, end = sent.pop(key)
             stats.blocks += 1
             chain = chains[u]
-            if text is None:
-                stats.engine_errors += 1
-            text = (text or "").strip()
-            if not text:
-                stats.empty_outputs += 1
-                text = chain[-1].text if chain else fallback_text(by_id[u].items[start:end])
-            chain.append(State(consumed=end, text=text, inputs_hash=hashes[u][end]))
+            _append_state(chain, text, by_id[u].items[start:end], end, hashes[u][end], stats)
             if len(chain) - len(by_id[u].reused) < len(pending[u]):
                 ready.append(u)
         if not done and sent and not feeder.in_flight:
@@ -482,6 +469,25 @@ def run_recurrence(
     if up.feeding == "rounds":
         return wavefront(works, generate, up, trace)
     return continuous_wavefront(works, feeder or generate_feeder(generate), up, trace)
+
+
+def _append_state(
+    chain: list[State],
+    text: Optional[str],
+    block: Sequence[HistoryItem],
+    end: int,
+    inputs_hash: str,
+    stats: WavefrontStats,
+) -> None:
+    """Append the state after ``block`` (history up to ``end``) to ``chain``: the engine's text,
+    else (error or empty answer) the previous state, else the block's titles."""
+    if text is None:
+        stats.engine_errors += 1
+    text = (text or "").strip()
+    if not text:
+        stats.empty_outputs += 1
+        text = chain[-1].text if chain else fallback_text(block)
+    chain.append(State(consumed=end, text=text, inputs_hash=inputs_hash))
 
 
 def state_rows(
