@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -55,6 +56,33 @@ def _start_local_ray() -> None:
         runtime_env={"env_vars": env},
         log_to_driver=True,
     )
+
+
+@contextlib.contextmanager
+def ray_cluster(head_cpus: int, workers: list[dict], head_object_store: int = 150 * 2**20):
+    """A ``ray.cluster_utils.Cluster`` on this host: a head with ``head_cpus`` and one worker
+    node per ``add_node`` keyword dict in ``workers`` (150 MiB object store unless given).
+    Yields ``(cluster, worker nodes)``; the session's embedded Ray is stopped for the duration
+    and started again afterwards."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    had_ray = ray.is_initialized()
+    if had_ray:
+        ray.shutdown()
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": head_cpus, "object_store_memory": head_object_store},
+    )
+    nodes = [c.add_node(**{"object_store_memory": 150 * 2**20, **w}) for w in workers]
+    c.wait_for_nodes()
+    try:
+        yield c, nodes
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if had_ray:
+            _start_local_ray()
 
 
 # --------------------------------------------------------------------------- object storage

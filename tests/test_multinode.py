@@ -31,28 +31,11 @@ def test_object_store_run_dir_accepted_on_several_nodes(s3_server):
 @pytest.fixture
 def cluster(s3_server):
     """Head (no CPU: drivers only) + 2 worker nodes with their own custom resources."""
-    import ray
-    from ray.cluster_utils import Cluster
+    from conftest import ray_cluster
 
-    had_ray = ray.is_initialized()
-    if had_ray:
-        ray.shutdown()
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 0, "object_store_memory": 150 * 1024 * 1024},
-    )
-    for i in range(2):
-        c.add_node(num_cpus=1, resources={f"worker{i}": 1}, object_store_memory=150 * 1024 * 1024)
-    c.wait_for_nodes()
-    try:
+    workers = [{"num_cpus": 1, "resources": {f"worker{i}": 1}} for i in range(2)]
+    with ray_cluster(0, workers) as (c, _):
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        if had_ray:  # the session's embedded Ray, as tests/conftest.py starts it
-            from conftest import _start_local_ray
-
-            _start_local_ray()
 
 
 @pytest.mark.slow
@@ -104,34 +87,16 @@ PLACEMENT = [
 def placement_cluster(s3_server):
     """Head (no CPU) + 3 worker nodes, each offering one custom resource: the summarizer
     actors, the preference actors and the train workers can each run on one node only."""
-    import ray
-    from ray.cluster_utils import Cluster
+    from conftest import ray_cluster
 
-    had_ray = ray.is_initialized()
-    if had_ray:
-        ray.shutdown()
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 0, "object_store_memory": 150 * 1024 * 1024},
-    )
-    nodes = {}
-    for name, cpus, resources in [
+    kinds = [
         ("summarizer", 2, {"summarizer": 1}),
         ("preferences", 2, {"preferences": 1}),
         ("trainer", 3, {"trainer": 2}),
-    ]:
-        node = c.add_node(num_cpus=cpus, resources=resources, object_store_memory=150 * 2**20)
-        nodes[name] = node
-    c.wait_for_nodes()
-    try:
-        yield c, nodes
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        if had_ray:
-            from conftest import _start_local_ray
-
-            _start_local_ray()
+    ]
+    workers = [{"num_cpus": cpus, "resources": res} for _, cpus, res in kinds]
+    with ray_cluster(0, workers) as (c, nodes):
+        yield c, {name: node for (name, _, _), node in zip(kinds, nodes)}
 
 
 @pytest.mark.slow

@@ -50,30 +50,10 @@ def _uptime() -> str:
 @pytest.fixture
 def four_workers(s3_server):
     """Head (no CPU) + 4 identical worker nodes: three can be lost, one always survives."""
-    import ray
-    from ray.cluster_utils import Cluster
+    from conftest import ray_cluster
 
-    had_ray = ray.is_initialized()
-    if had_ray:
-        ray.shutdown()
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 0, "object_store_memory": 150 * 2**20},
-    )
-    workers = [
-        c.add_node(num_cpus=2, resources=RESOURCES, object_store_memory=150 * 2**20)
-        for _ in range(4)
-    ]
-    c.wait_for_nodes()
-    try:
+    with ray_cluster(0, [{"num_cpus": 2, "resources": RESOURCES}] * 4) as (c, workers):
         yield c, {w.node_id: w for w in workers}
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        if had_ray:
-            from conftest import _start_local_ray
-
-            _start_local_ray()
 
 
 def _actor_node(class_part: str) -> str | None:

@@ -28,33 +28,12 @@ def _uptime() -> str:
 @pytest.fixture
 def fresh_node(s3_server, tmp_path):
     """Head (no CPU: the driver only) + 1 worker node whose raylet has its own empty cache."""
-    import ray
-    from ray.cluster_utils import Cluster
+    from conftest import ray_cluster
 
-    had_ray = ray.is_initialized()
-    if had_ray:
-        ray.shutdown()
     cache = tmp_path / "fresh-node-cache"
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 0, "object_store_memory": 150 * 2**20},
-    )
-    node = c.add_node(
-        num_cpus=3,
-        resources={"fresh": 2},
-        object_store_memory=150 * 2**20,
-        env_vars={NODE_CACHE_ENV: str(cache)},
-    )
-    c.wait_for_nodes()
-    try:
+    worker = {"num_cpus": 3, "resources": {"fresh": 2}, "env_vars": {NODE_CACHE_ENV: str(cache)}}
+    with ray_cluster(0, [worker]) as (c, (node,)):
         yield c, node, cache
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        if had_ray:
-            from conftest import _start_local_ray
-
-            _start_local_ray()
 
 
 @pytest.mark.slow

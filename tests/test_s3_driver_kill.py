@@ -42,25 +42,10 @@ def _uptime() -> str:
 @pytest.fixture
 def cluster(s3_server):
     """One Ray node (2 CPUs) that outlives the drivers the test starts and kills."""
-    import ray
-    from ray.cluster_utils import Cluster
+    from conftest import ray_cluster
 
-    had_ray = ray.is_initialized()
-    if had_ray:
-        ray.shutdown()
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 2, "object_store_memory": 300 * 2**20},
-    )
-    c.wait_for_nodes()
-    try:
+    with ray_cluster(2, [], head_object_store=300 * 2**20) as (c, _):
         yield c
-    finally:
-        c.shutdown()
-        if had_ray:
-            from conftest import _start_local_ray
-
-            _start_local_ray()
 
 
 def _driver(address: str, uri: str, hold_s: int = 0) -> subprocess.Popen:
