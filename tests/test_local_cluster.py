@@ -274,14 +274,21 @@ def test_local_cluster_token_auth_submit_and_stop() -> None:
         assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
         assert state["GCS_PORT"] == str(gcs_port)
         assert state["DASHBOARD_URL"] == f"http://127.0.0.1:{dashboard_port}"
-        raylets = [
-            cmd
-            for name, cmd in map(
-                _name_and_cmdline,
-                helper.cluster_processes(int(state["RAY_PID"]), state["CLUSTER_ID"]),
-            )
-            if name == "raylet"
-        ]
+        # `start` returns once the job API answers; `ray start` launches the head's raylet
+        # after its dashboard, so the raylet may still be on its way (seen under load).
+        deadline = time.monotonic() + 60
+        while True:
+            raylets = [
+                cmd
+                for name, cmd in map(
+                    _name_and_cmdline,
+                    helper.cluster_processes(int(state["RAY_PID"]), state["CLUSTER_ID"]),
+                )
+                if name == "raylet"
+            ]
+            if raylets or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert raylets and all("--min_worker_port=0" in cmd for cmd in raylets), raylets
 
         # Token auth: a file only we can read, outside the repository; ~/.ray is left alone.
