@@ -274,6 +274,26 @@ def fallback_text(block: Sequence[HistoryItem]) -> str:
     return f"{prompts.PREFERENCE_PREFIX} items such as {titles}."
 
 
+def remaining_blocks(work: UserWork, up: UserPreferencesConfig) -> list[tuple[int, int]]:
+    """The blocks of ``work`` still to summarize (those starting at or after its reused states)."""
+    return [b for b in block_bounds(len(work.items), up.block_size, up.mode) if b[0] >= work.start]
+
+
+def _remaining(
+    works: Sequence[UserWork], up: UserPreferencesConfig
+) -> tuple[dict[str, list[tuple[int, int]]], dict[str, list[str]]]:
+    """Per user with work left: the remaining blocks and the prefix hashes of the history."""
+    settings = settings_key(up)
+    pending: dict[str, list[tuple[int, int]]] = {}
+    hashes: dict[str, list[str]] = {}
+    for w in works:
+        blocks = remaining_blocks(w, up)
+        if blocks:
+            pending[w.user_id] = blocks
+            hashes[w.user_id] = prefix_hashes(w.items, settings)
+    return pending, hashes
+
+
 def wavefront(
     works: Sequence[UserWork],
     generate: GenerateFn,
@@ -288,16 +308,9 @@ def wavefront(
     prompt sent for each user (for audits such as the leakage test).
     """
     t0 = time.perf_counter()
-    settings = settings_key(up)
     stats = WavefrontStats(users=len(works))
     chains: dict[str, list[State]] = {w.user_id: list(w.reused) for w in works}
-    pending: dict[str, list[tuple[int, int]]] = {}
-    hashes: dict[str, list[str]] = {}
-    for w in works:
-        blocks = [b for b in block_bounds(len(w.items), up.block_size, up.mode) if b[0] >= w.start]
-        if blocks:
-            pending[w.user_id] = blocks
-            hashes[w.user_id] = prefix_hashes(w.items, settings)
+    pending, hashes = _remaining(works, up)
     by_id = {w.user_id: w for w in works}
     round_no = 0
     while True:
@@ -412,17 +425,10 @@ def continuous_wavefront(
     (0: one per user). Users start in the order given.
     """
     t0 = time.perf_counter()
-    settings = settings_key(up)
     stats = WavefrontStats(users=len(works))
     chains: dict[str, list[State]] = {w.user_id: list(w.reused) for w in works}
     by_id = {w.user_id: w for w in works}
-    pending: dict[str, list[tuple[int, int]]] = {}
-    hashes: dict[str, list[str]] = {}
-    for w in works:
-        blocks = [b for b in block_bounds(len(w.items), up.block_size, up.mode) if b[0] >= w.start]
-        if blocks:
-            pending[w.user_id] = blocks
-            hashes[w.user_id] = prefix_hashes(w.items, settings)
+    pending, hashes = _remaining(works, up)
     ready = deque(u for u in by_id if u in pending)  # users whose next block can be sent
     cap = up.max_in_flight or max(1, len(ready))
     sent: dict[str, tuple[str, int, int]] = {}  # key -> (user, start, end)
@@ -768,10 +774,7 @@ def _run_batches_on_ray(
 
 def blocks_to_do(works: Sequence[UserWork], up: UserPreferencesConfig) -> int:
     """Engine requests the wavefront will send for ``works``: users x their remaining rounds."""
-    return sum(
-        sum(1 for b in block_bounds(len(w.items), up.block_size, up.mode) if b[0] >= w.start)
-        for w in works
-    )
+    return sum(len(remaining_blocks(w, up)) for w in works)
 
 
 def _cache_dir(cfg: PipelineConfig) -> str | None:
