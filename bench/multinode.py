@@ -60,11 +60,7 @@ def start_s3() -> tuple[subprocess.Popen, str]:
 
 
 def run_cluster(bucket: str) -> dict:
-    import ray
     from ray.cluster_utils import Cluster
-
-    from mllm_msr.config import load_config
-    from mllm_msr.pipeline import run_pipeline
 
     cluster = Cluster(
         initialize_head=True,
@@ -74,48 +70,44 @@ def run_cluster(bucket: str) -> dict:
         cluster.add_node(num_cpus=cpus, resources=resources, object_store_memory=150 * 2**20)
     cluster.wait_for_nodes()
     uri = f"s3://{bucket}/bench-{uuid.uuid4().hex[:6]}"
-    cfg = load_config(
-        ROOT / "configs" / "demo-cpu.yaml",
-        [f"run_dir={uri}", f"ray.address={cluster.address}", *REDUCED, *PLACEMENT],
-    )
     try:
-        t0 = time.perf_counter()
-        summary = run_pipeline(cfg)
-        wall = time.perf_counter() - t0
+        out = _timed_pipeline([f"run_dir={uri}", f"ray.address={cluster.address}", *PLACEMENT])
     finally:
-        ray.shutdown()
         cluster.shutdown()
-    return {
-        "nodes": 1 + len(WORKERS),
-        "run_dir": uri,
-        "seconds": round(wall, 1),
-        **_stages(summary),
-    }
+    return {"nodes": 1 + len(WORKERS), "run_dir": uri, **out}
 
 
 def run_one_node(tmp: Path) -> dict:
+    cpus = sum(c for c, _ in WORKERS)
+    run_dir = tmp / f"one-{uuid.uuid4().hex[:6]}"
+    return {
+        "nodes": 1,
+        "run_dir": "local",
+        **_timed_pipeline([f"run_dir={run_dir}", f"ray.num_cpus={cpus}"]),
+    }
+
+
+def _timed_pipeline(overrides: list[str]) -> dict:
+    """The reduced demo pipeline with ``overrides``: its wall time, each stage's seconds and the
+    load average just before it started."""
     import ray
 
     from mllm_msr.config import load_config
     from mllm_msr.pipeline import run_pipeline
 
-    cpus = sum(c for c, _ in WORKERS)
-    run_dir = tmp / f"one-{uuid.uuid4().hex[:6]}"
-    cfg = load_config(
-        ROOT / "configs" / "demo-cpu.yaml",
-        [f"run_dir={run_dir}", f"ray.num_cpus={cpus}", *REDUCED],
-    )
+    cfg = load_config(ROOT / "configs" / "demo-cpu.yaml", [*overrides, *REDUCED])
+    load = round(os.getloadavg()[0], 2)
     try:
         t0 = time.perf_counter()
         summary = run_pipeline(cfg)
         wall = time.perf_counter() - t0
     finally:
         ray.shutdown()
-    return {"nodes": 1, "run_dir": "local", "seconds": round(wall, 1), **_stages(summary)}
-
-
-def _stages(summary: dict) -> dict:
-    return {"stage_seconds": {name: s.get("seconds") for name, s in summary["stages"].items()}}
+    return {
+        "seconds": round(wall, 1),
+        "stage_seconds": {name: st.get("seconds") for name, st in summary["stages"].items()},
+        "load_before_run": load,
+    }
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -132,7 +124,6 @@ def main(args: argparse.Namespace) -> dict:
                 order = ("one", "cluster") if i % 2 == 0 else ("cluster", "one")
                 for what in order:
                     out = run_one_node(Path(tmp)) if what == "one" else run_cluster(bucket)
-                    out["load_before_run"] = round(os.getloadavg()[0], 2)
                     print(json.dumps(out), flush=True)
                     runs.append(out)
     finally:
