@@ -73,12 +73,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Protocol
 
 import pyarrow as pa
@@ -86,7 +84,7 @@ import pyarrow as pa
 from mllm_msr import prompts
 from mllm_msr.config import PipelineConfig, UserPreferencesConfig, to_dict
 from mllm_msr.data import schema
-from mllm_msr.runtime import RunDir
+from mllm_msr.runtime import RunDir, node_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -754,7 +752,7 @@ def _run_batches_on_ray(
         fn_constructor_kwargs={
             "config": to_dict(cfg),
             "run_uri": run.uri,
-            "cache_dir": _cache_dir(cfg),
+            "cache_dir": node_cache_dir(cfg.cache_dir),
         },
     )
     from mllm_msr.progress import Progress
@@ -775,12 +773,6 @@ def _run_batches_on_ray(
 def blocks_to_do(works: Sequence[UserWork], up: UserPreferencesConfig) -> int:
     """Engine requests the wavefront will send for ``works``: users x their remaining rounds."""
     return sum(len(remaining_blocks(w, up)) for w in works)
-
-
-def _cache_dir(cfg: PipelineConfig) -> str | None:
-    if "MLLM_MSR_CACHE" in os.environ:
-        return os.environ["MLLM_MSR_CACHE"]
-    return str(Path(cfg.cache_dir).absolute()) if cfg.cache_dir else None
 
 
 def run_user_preferences(cfg: PipelineConfig, run: RunDir, fresh: bool = False) -> dict[str, Any]:
