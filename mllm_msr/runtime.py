@@ -20,13 +20,14 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -317,6 +318,41 @@ def process_env(cache_dir: str | os.PathLike, gpu: bool) -> dict[str, str]:
     if not gpu:
         env.update(cpu_only_env())
     return env
+
+
+_T = TypeVar("_T")
+
+
+class EngineThread:
+    """One dedicated thread that runs every call of an engine, its construction included.
+
+    OpenMP keeps state per calling thread: the thread count ``torch.set_num_threads`` sets
+    (vLLM's CPU attention checks it against the count its metadata was built with, and a call
+    from a thread with another count fails with ``thread_num == thread_num (1 vs. 2)``) and
+    the team of worker threads of that caller. An engine built on one thread and called from
+    another gets a second team: Ray Data runs a callable class's constructor on the actor's
+    main thread and every call on a thread of its own. libgomp then manages more threads than
+    there are cores, shortens its spin-wait to almost nothing, and its workers sleep and wake
+    around every parallel region: 29-41 thousand voluntary context switches per 12 s pass
+    against none, 5-13% slower (SmolLM2, 2 threads on 2 cores; ``bench/results/
+    user_preferences/NOTES.md``). Calls made on the engine thread itself run directly.
+    """
+
+    def __init__(self, name: str = "engine") -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.ident = self._pool.submit(threading.get_ident).result()
+
+    def run(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``fn(*args, **kwargs)`` on the engine thread; its result, or its exception raised."""
+        if threading.get_ident() == self.ident:
+            return fn(*args, **kwargs)
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+    def close(self) -> None:
+        """Let the thread end once its queued calls are done (later calls raise)."""
+        self._pool.shutdown(wait=False)
 
 
 def has_gpu() -> bool:

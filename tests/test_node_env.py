@@ -122,3 +122,20 @@ def test_scoped_env_restores(clean_env):
     with scoped_env(hub_env(True)):
         assert os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "1"
     assert "HF_HUB_OFFLINE" not in os.environ and os.environ["TRANSFORMERS_OFFLINE"] == "0"
+
+
+def test_engine_thread_runs_every_call_on_one_thread():
+    import threading
+
+    from mllm_msr.runtime import EngineThread
+
+    thread = EngineThread("t")
+    idents = {thread.run(threading.get_ident) for _ in range(3)}
+    assert idents == {thread.ident} != {threading.get_ident()}
+    # a call made on the engine thread runs directly (no deadlock), exceptions come back
+    assert thread.run(lambda: thread.run(threading.get_ident)) == thread.ident
+    with pytest.raises(ZeroDivisionError):
+        thread.run(lambda: 1 / 0)
+    thread.close()
+    with pytest.raises(RuntimeError):
+        thread.run(threading.get_ident)

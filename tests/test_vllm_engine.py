@@ -207,6 +207,42 @@ class TestTextLLM:
             strict.submit("bad", too_long)
         assert engine.llm.llm_engine.get_num_unfinished_requests() == 0
 
+    def test_any_thread_may_call_the_engine(self, engine):
+        """The engine computes on its own thread whichever thread calls it. Ray Data builds a
+        callable class on the actor's main thread and calls it from another: computing on the
+        caller's thread gave the process a second OpenMP team (one more worker thread per
+        extra engine thread), whose sleeping and waking slowed every step."""
+        import os
+        import threading
+
+        chats = [prompts.preference_messages(None, [{"title": "Red circle"}])]
+        want = [g.text for g in engine.generate(chats, GREEDY)]
+        assert engine.torch_threads() == engine.cpu_threads
+        got: dict = {}
+        done, counted = threading.Event(), threading.Event()
+
+        def caller() -> None:
+            try:
+                got["texts"] = [g.text for g in engine.generate(chats, GREEDY)]
+                stream = engine.stream(GREEDY)
+                stream.submit("a", chats[0])
+                while stream.in_flight:
+                    got.update(stream.step())
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                got["error"] = exc
+            done.set()
+            counted.wait(60)  # alive while the threads are counted
+
+        before = len(os.listdir("/proc/self/task"))
+        t = threading.Thread(target=caller)
+        t.start()
+        done.wait(120)
+        new_threads = len(os.listdir("/proc/self/task")) - before - 1  # less the caller
+        counted.set()
+        t.join(timeout=60)
+        assert "error" not in got and got["texts"] == want and got["a"].text == want[0]
+        assert new_threads == 0  # no OpenMP team of the caller's
+
     def test_yes_no_scores_match_transformers(self, engine, tmp_path):
         from transformers import AutoModelForCausalLM
 

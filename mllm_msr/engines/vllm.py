@@ -38,7 +38,7 @@ from typing import Any
 
 from mllm_msr import prompts
 from mllm_msr.config import EngineConfig, SamplingConfig
-from mllm_msr.runtime import apply_process_env, has_gpu
+from mllm_msr.runtime import EngineThread, apply_process_env, has_gpu
 from mllm_msr.tiny import default_cache_dir, resolve_model, tiny_family
 
 log = logging.getLogger(__name__)
@@ -213,8 +213,12 @@ class GenerationStream:
         params = _sampling_params(self.sampling, self.sampling.seed if seed is None else seed)
         try:
             chats = self.engine._prepare([chat])
-            ids = self.engine.llm.enqueue_chat(
-                chats, [params], use_tqdm=False, lora_request=self._lora
+            ids = self.engine.thread.run(
+                self.engine.llm.enqueue_chat,
+                chats,
+                [params],
+                use_tqdm=False,
+                lora_request=self._lora,
             )
         except _request_errors() as exc:
             if self.on_error == "raise":
@@ -234,7 +238,7 @@ class GenerationStream:
         engine = self.engine.llm.llm_engine
         out = []
         self.steps += 1
-        for o in engine.step():
+        for o in self.engine.thread.run(engine.step):
             if o.finished and o.request_id in self._tags:
                 out.append((self._tags.pop(o.request_id)[1], _generation(o)))
         if self._tags and not engine.has_unfinished_requests():
@@ -247,7 +251,8 @@ class GenerationStream:
         """Abort the requests still in the engine."""
         if self._tags and self.engine._llm is not None:
             internal = [i for i, _ in self._tags.values()]
-            self.engine.llm.llm_engine.abort_request(internal, internal=True)
+            abort = self.engine.llm.llm_engine.abort_request
+            self.engine.thread.run(abort, internal, internal=True)
         self._tags.clear()
         self._failed.clear()
 
@@ -261,6 +266,10 @@ class VLLMEngine:
 
     def __init__(self, config: EngineConfig, cache_dir: str | os.PathLike | None = None) -> None:
         self.config = config
+        self.thread = EngineThread("vllm-engine")
+        """The thread that builds the engine and makes every call to it (OpenMP state is per
+        calling thread: :class:`~mllm_msr.runtime.EngineThread`); any thread may call the
+        methods."""
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.model_path = resolve_model(config.model, self.cache_dir)
         built_family = tiny_family(config.model)
@@ -275,7 +284,6 @@ class VLLMEngine:
         """OpenMP/torch threads of the engine (None on a GPU host)."""
         if "OMP_NUM_THREADS" in applied:
             self.cpu_threads = int(applied["OMP_NUM_THREADS"])
-            _apply_cpu_threads(self.cpu_threads)
 
         from vllm import LLM
 
@@ -311,10 +319,27 @@ class VLLMEngine:
             self.model_path,
             self.cpu_threads,
         )
-        self._llm = LLM(**kwargs)
+        self._llm = None
+        try:
+            self._llm = self.thread.run(self._start, LLM, kwargs)
+        except BaseException:
+            self.thread.close()
+            raise
         self._loras: dict[str, Any] = {}
         self._yes_no: tuple[int, int] | None = None
         self._warned_dtype = False
+
+    def _start(self, llm_class: Any, kwargs: dict[str, Any]) -> Any:
+        """Build the ``vllm.LLM`` (on the engine thread, with its thread count)."""
+        if self.cpu_threads is not None:
+            _apply_cpu_threads(self.cpu_threads)
+        return llm_class(**kwargs)
+
+    def torch_threads(self) -> int:
+        """torch's intra-op threads on the engine thread (what the engine computes with)."""
+        import torch
+
+        return self.thread.run(torch.get_num_threads)
 
     # ------------------------------------------------------------------ helpers
 
@@ -361,6 +386,12 @@ class VLLMEngine:
     # ------------------------------------------------------------------ API
 
     def _chat(self, requests: Sequence[Chat], params: list, lora_path, on_error: str) -> list[Any]:
+        """:meth:`_chat_here` on the engine thread."""
+        return self.thread.run(self._chat_here, requests, params, lora_path, on_error)
+
+    def _chat_here(
+        self, requests: Sequence[Chat], params: list, lora_path, on_error: str
+    ) -> list[Any]:
         """Run ``LLM.chat``; with ``on_error="skip"`` a failing batch is retried request by
         request and the requests that still fail give their exception instead of an output."""
         if on_error not in ("raise", "skip"):
@@ -474,8 +505,9 @@ class VLLMEngine:
         yes, no = yes_no
         params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[yes, no])
         inputs = [TokensPrompt(prompt_token_ids=[int(t) for t in ids]) for ids in prompt_token_ids]
-        outputs = self.llm.generate(
-            inputs, params, use_tqdm=False, lora_request=self._lora_request(lora_path)
+        lora = self._lora_request(lora_path)
+        outputs = self.thread.run(
+            self.llm.generate, inputs, params, use_tqdm=False, lora_request=lora
         )
         scores = []
         for o in outputs:
@@ -489,12 +521,18 @@ class VLLMEngine:
     def reset_prefix_cache(self) -> bool:
         """Forget the cached prompt prefixes (benchmarks: each timed pass starts without the
         previous pass's prompts in the cache). True when vLLM reset it."""
-        return bool(self.llm.reset_prefix_cache())
+        return bool(self.thread.run(self.llm.reset_prefix_cache))
 
     def close(self) -> None:
         """Release the engine (memory, KV cache). The object is unusable afterwards."""
         if self._llm is None:
             return
+        try:
+            self.thread.run(self._close_here)
+        finally:
+            self.thread.close()
+
+    def _close_here(self) -> None:
         llm, self._llm = self._llm, None
         engine = getattr(llm, "llm_engine", None)
         core = getattr(engine, "engine_core", None)

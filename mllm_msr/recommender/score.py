@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from mllm_msr import families, prompts
 from mllm_msr.config import EvaluateConfig, TrainConfig
+from mllm_msr.runtime import EngineThread
 
 
 def load_recommender(
@@ -91,7 +92,11 @@ class YesNoScorer:
         path = resolve_model(model, cache_dir)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         fam = families.resolve(path, train.family, "train.family")
-        self.model = load_recommender(path, adapter, precision, fam).to(self.device)
+        # Loaded and called (``__call__``) on one thread: one OpenMP team (EngineThread).
+        self.thread = EngineThread("scorer")
+        self.model = self.thread.run(
+            lambda: load_recommender(path, adapter, precision, fam).to(self.device)
+        )
         processor = load_processor(path, fam)
         self.collator = recommender_collator(processor, train, fam)
         # The ids training supervises (raises when Yes and No share a first token).
@@ -209,7 +214,7 @@ class YesNoScorer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        scores = self.score_rows(rows)
+        scores = self.thread.run(self.score_rows, rows)
         keep = batch.select(["user_id", "item_id", "label"])
         return keep.append_column("score", pa.array(scores, pa.float64()))
 

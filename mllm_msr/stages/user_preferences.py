@@ -701,10 +701,9 @@ class PreferenceWorker:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         out: dict[str, list] = {k: [] for k in ("part", "node_id", "threads", *_STAT_FIELDS)}
         import ray
-        import torch
 
         node = ray.get_runtime_context().get_node_id()
-        threads = torch.get_num_threads()  # the engine's, in the thread that runs it
+        threads = self.engine.torch_threads()  # on the engine's own thread
         for part, payload in zip(batch["part"], batch["payload"]):
             works = [UserWork.from_json(w) for w in json.loads(payload)]
             table, stats = process_batch(works, self.generate, self.up, self.feeder)
