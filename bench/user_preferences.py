@@ -19,8 +19,8 @@ prompts; only the feeding differs:
   the overhead over the bare engine (target >= 0.9). ``raw_vs_sequential`` is the ceiling of
   batching on this machine: what the bare engine gains by batching over the per-user loop;
 * ``stage`` (``--stage-users``): the whole stage on an embedded Ray (actor, part files, the
-  stage's feeding, ``--feeding``); its users/s counts the time inside the actors' wavefronts
-  (``wavefront_seconds``).
+  stage's feeding, ``--feeding``); its users/s counts the wall time from the first actor
+  wavefront's start to the last one's end (``active_seconds``: engine start excluded).
 
 Every engine, the stage's actor included, runs ``--cpu-threads`` OpenMP/torch threads
 (``engine.cpu_threads``; default every core) and Ray's workers run at ``--worker-niceness``
@@ -265,8 +265,11 @@ def run_stage(users: list[UserWork], up: UserPreferencesConfig, args: argparse.N
             "engine_calls": summary["engine_calls"],
             "seconds_with_ray_and_engine_start": round(seconds, 2),
             "users_per_s": round(summary["rows_out"] / seconds, 3),
-            "active_s": summary["wavefront_seconds"],
-            "active_users_per_s": round(summary["rows_out"] / summary["wavefront_seconds"], 3),
+            # wall time of the engine phase over all actors (the first wavefront's start to
+            # the last one's end); wavefront_s sums the actors' times
+            "active_s": summary["active_seconds"],
+            "active_users_per_s": round(summary["rows_out"] / summary["active_seconds"], 3),
+            "wavefront_s": summary["wavefront_seconds"],
             "engine_threads": summary["engine_threads"],
             "actors": args.stage_actors,
             "driver_cpu_s": round(driver_cpu, 2),

@@ -442,6 +442,8 @@ def test_stage_output_is_complete_and_deterministic(full_run, tmp_path):
     # continuous feeding: engine_calls counts engine steps, at least one per block of a chain
     assert summary["batches"] == 3 and summary["engine_calls"] >= 9
     assert 0 < summary["wavefront_seconds"] <= summary["seconds"]  # engine time, start excluded
+    # the engine phase's wall span covers the wavefronts of one actor, batch after batch
+    assert summary["wavefront_seconds"] * 0.99 <= summary["active_seconds"] <= summary["seconds"]
     assert summary["blocks"] == sum(len(stage.block_bounds(len(s["history"]), 3)) for s in seqs)
     assert summary["states"] == len(prefs) == summary["blocks"]
     by_user: dict[str, list] = {}

@@ -73,6 +73,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -699,14 +700,18 @@ class PreferenceWorker:
         self.feeder = engine_feeder(self.engine, self.up)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in ("part", "node_id", "threads", *_STAT_FIELDS)}
+        columns = ("part", "node_id", "threads", "started_at", "finished_at", *_STAT_FIELDS)
+        out: dict[str, list] = {k: [] for k in columns}
         import ray
 
         node = ray.get_runtime_context().get_node_id()
         threads = self.engine.torch_threads()  # on the engine's own thread
         for part, payload in zip(batch["part"], batch["payload"]):
             works = [UserWork.from_json(w) for w in json.loads(payload)]
+            started_at = time.time()
             table, stats = process_batch(works, self.generate, self.up, self.feeder)
+            out["started_at"].append(started_at)
+            out["finished_at"].append(time.time())
             self.run.write_table(TABLE, table, name=part)
             out["part"].append(part)
             out["node_id"].append(node)
@@ -718,9 +723,11 @@ class PreferenceWorker:
 
 def _run_batches_on_ray(
     cfg: PipelineConfig, run: RunDir, batches: list[tuple[str, list[UserWork]]]
-) -> tuple[WavefrontStats, list[str], list[int]]:
+) -> tuple[WavefrontStats, list[str], list[int], float]:
     """Map :class:`PreferenceWorker` actors over ``batches``; the stats, the Ray node ids
-    the batches ran on and the engines' torch thread counts."""
+    the batches ran on, the engines' torch thread counts and the active wall time (from the
+    first batch's wavefront start to the last one's end, over all actors: engine start
+    excluded)."""
     import ray.data
 
     from mllm_msr.runtime import init_ray
@@ -760,13 +767,16 @@ def _run_batches_on_ray(
     n_users = len(works)
     progress = Progress(STAGE, total=blocks_to_do(works, up), unit="blocks")
     total, nodes, threads = WavefrontStats(), set(), set()
+    first_start, last_end = math.inf, -math.inf
     for r in results.iter_rows():  # one row per finished batch of users, as it finishes
         total.add(WavefrontStats(**{k: r[k] for k in _STAT_FIELDS}))
         nodes.add(r["node_id"])
         threads.add(int(r["threads"]))
+        first_start = min(first_start, r["started_at"])
+        last_end = max(last_end, r["finished_at"])
         progress.set(total.blocks, users=f"{total.users}/{n_users}")
     progress.close()
-    return total, sorted(nodes), sorted(threads)
+    return total, sorted(nodes), sorted(threads), max(0.0, last_end - first_start)
 
 
 def blocks_to_do(works: Sequence[UserWork], up: UserPreferencesConfig) -> int:
@@ -806,8 +816,9 @@ def run_user_preferences(cfg: PipelineConfig, run: RunDir, fresh: bool = False) 
         stats.add(s)
     nodes: list[str] = []
     threads: list[int] = []
+    active = 0.0
     if engine_batches:
-        engine_stats, nodes, threads = _run_batches_on_ray(cfg, run, engine_batches)
+        engine_stats, nodes, threads, active = _run_batches_on_ray(cfg, run, engine_batches)
         stats.add(engine_stats)
     planned = {n for n, _ in plan.batches}
     stale = sorted(p for p in existing_before if p not in planned)
@@ -842,6 +853,9 @@ def run_user_preferences(cfg: PipelineConfig, run: RunDir, fresh: bool = False) 
         "engine_errors": stats.engine_errors,
         # time inside the wavefronts (summed over batches; engine start and Ray excluded)
         "wavefront_seconds": round(stats.seconds, 3),
+        # wall time from the first wavefront's start to the last one's end, all actors: the
+        # stage's engine-phase throughput (wavefront_seconds adds up concurrent actors)
+        "active_seconds": round(active, 3),
         "mode": up.mode,
         "block_size": up.block_size,
         "users_per_batch": up.pool.batch_size,
