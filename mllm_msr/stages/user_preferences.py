@@ -753,7 +753,12 @@ def _run_batches_on_ray(
     results = ds.map_batches(
         PreferenceWorker,
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(pool.concurrency, len(rows)))),
+        # One batch of users at a time per actor: a batch is minutes of engine work, and with
+        # Ray Data's default (4 in flight) the first actor up took every queued batch while the
+        # others were still starting their engines (2 actors ran 2 batches one after the other).
+        compute=ray.data.ActorPoolStrategy(
+            size=max(1, min(pool.concurrency, len(rows))), max_tasks_in_flight_per_actor=1
+        ),
         **resources,
         fn_constructor_kwargs={
             "config": to_dict(cfg),
