@@ -326,16 +326,15 @@ _T = TypeVar("_T")
 class EngineThread:
     """One dedicated thread that runs every call of an engine, its construction included.
 
-    OpenMP keeps state per calling thread: the thread count ``torch.set_num_threads`` sets
-    (vLLM's CPU attention checks it against the count its metadata was built with, and a call
-    from a thread with another count fails with ``thread_num == thread_num (1 vs. 2)``) and
-    the team of worker threads of that caller. An engine built on one thread and called from
-    another gets a second team: Ray Data runs a callable class's constructor on the actor's
-    main thread and every call on a thread of its own. libgomp then manages more threads than
+    OpenMP keeps a team of worker threads per calling thread. An engine built on one thread and
+    called from another gets a second team: Ray Data runs a callable class's constructor on the
+    actor's main thread and every call on a thread of its own. libgomp then manages more threads than
     there are cores, shortens its spin-wait to almost nothing, and its workers sleep and wake
     around every parallel region: 29-41 thousand voluntary context switches per 12 s pass
     against none, 5-13% slower (SmolLM2, 2 threads on 2 cores; ``bench/results/
-    user_preferences/NOTES.md``). Calls made on the engine thread itself run directly.
+    user_preferences/NOTES.md``). Once, in a Ray actor whose two threads had different thread
+    counts, vLLM's CPU attention also failed its check ``thread_num == thread_num (1 vs. 2)``
+    (not reproduced outside Ray). Calls made on the engine thread itself run directly.
     """
 
     def __init__(self, name: str = "engine") -> None:

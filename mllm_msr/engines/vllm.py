@@ -285,7 +285,7 @@ class VLLMEngine:
         if "OMP_NUM_THREADS" in applied:
             self.cpu_threads = int(applied["OMP_NUM_THREADS"])
 
-        from vllm import LLM
+        from vllm import LLM  # before quiet_vllm: importing vLLM sets up its log handlers
 
         from mllm_msr import console
 
