@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import threading
@@ -352,6 +353,23 @@ class EngineThread:
     def close(self) -> None:
         """Let the thread end once its queued calls are done (later calls raise)."""
         self._pool.shutdown(wait=False)
+
+
+@dataclass
+class WallSpan:
+    """Wall-clock span of batches run by concurrent actors: from the first batch's start to the
+    last one's end (the engine phase of a stage, engine start-up excluded; 0 before any)."""
+
+    first_start: float = math.inf
+    last_end: float = -math.inf
+
+    def add(self, started_at: float, finished_at: float) -> None:
+        self.first_start = min(self.first_start, started_at)
+        self.last_end = max(self.last_end, finished_at)
+
+    @property
+    def seconds(self) -> float:
+        return max(0.0, self.last_end - self.first_start)
 
 
 def has_gpu() -> bool:

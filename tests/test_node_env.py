@@ -139,3 +139,14 @@ def test_engine_thread_runs_every_call_on_one_thread():
     thread.close()
     with pytest.raises(RuntimeError):
         thread.run(threading.get_ident)
+
+
+def test_wall_span_covers_concurrent_batches():
+    from mllm_msr.runtime import WallSpan
+
+    span = WallSpan()
+    assert span.seconds == 0.0  # no batch yet
+    span.add(10.0, 14.0)
+    span.add(11.0, 13.5)  # a concurrent actor's batch inside the first one's
+    span.add(14.5, 16.0)
+    assert span.seconds == pytest.approx(6.0)

@@ -61,7 +61,7 @@ import pyarrow.parquet as pq
 from mllm_msr import prompts
 from mllm_msr.config import ItemSummariesConfig, PipelineConfig
 from mllm_msr.data import schema
-from mllm_msr.runtime import RunDir, init_ray, node_cache_dir
+from mllm_msr.runtime import RunDir, WallSpan, init_ray, node_cache_dir
 
 _log = logging.getLogger(__name__)
 STAGE = "item_summaries"
@@ -624,12 +624,11 @@ def _summarize_with_ray(
     # and its unfinished batch retried. Batch files are idempotent, so a retry never duplicates.
     from mllm_msr.progress import Progress
 
-    processed, first_start, last_end, nodes = 0, float("inf"), 0.0, set()
+    processed, span, nodes = 0, WallSpan(), set()
     progress = Progress(STAGE, total=len(todo), unit="items", write=None if log is print else log)
     for row in ds.iter_rows():
         processed += row["rows_in"]
-        first_start = min(first_start, row["started_at"])
-        last_end = max(last_end, row["finished_at"])
+        span.add(row["started_at"], row["finished_at"])
         nodes.add(row["node_id"])
         progress.set(processed)
         _log.debug(
@@ -642,7 +641,7 @@ def _summarize_with_ray(
     progress.close()
     return {
         "processed": processed,
-        "active_seconds": max(0.0, last_end - first_start),
+        "active_seconds": span.seconds,
         "nodes": sorted(nodes),
     }
 

@@ -73,7 +73,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -85,7 +84,7 @@ import pyarrow as pa
 from mllm_msr import prompts
 from mllm_msr.config import PipelineConfig, UserPreferencesConfig, to_dict
 from mllm_msr.data import schema
-from mllm_msr.runtime import RunDir, node_cache_dir
+from mllm_msr.runtime import RunDir, WallSpan, node_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -771,17 +770,15 @@ def _run_batches_on_ray(
     works = [w for _, ws in batches for w in ws]
     n_users = len(works)
     progress = Progress(STAGE, total=blocks_to_do(works, up), unit="blocks")
-    total, nodes, threads = WavefrontStats(), set(), set()
-    first_start, last_end = math.inf, -math.inf
+    total, nodes, threads, span = WavefrontStats(), set(), set(), WallSpan()
     for r in results.iter_rows():  # one row per finished batch of users, as it finishes
         total.add(WavefrontStats(**{k: r[k] for k in _STAT_FIELDS}))
         nodes.add(r["node_id"])
         threads.add(int(r["threads"]))
-        first_start = min(first_start, r["started_at"])
-        last_end = max(last_end, r["finished_at"])
+        span.add(r["started_at"], r["finished_at"])
         progress.set(total.blocks, users=f"{total.users}/{n_users}")
     progress.close()
-    return total, sorted(nodes), sorted(threads), max(0.0, last_end - first_start)
+    return total, sorted(nodes), sorted(threads), span.seconds
 
 
 def blocks_to_do(works: Sequence[UserWork], up: UserPreferencesConfig) -> int:
