@@ -15,7 +15,6 @@ once per process). Autoscaler v1: v2's monitor needs the missing ``example.yaml`
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
+import file_module
 import pytest
 import yaml
 
@@ -36,12 +36,7 @@ RESOURCE = "summarizer"  # offered by the worker type only, asked for by the ite
 
 
 def _helper():
-    spec = importlib.util.spec_from_file_location(
-        "_local_cluster", ROOT / "scripts" / "_local_cluster.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return file_module.load("_local_cluster", ROOT / "scripts" / "_local_cluster.py")
 
 
 def _uptime() -> str:

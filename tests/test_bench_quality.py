@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+import file_module
 
 from mllm_msr.config import load_config, to_dict
 from mllm_msr.contract import flatten
@@ -12,12 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "quality", ROOT / "bench" / "quality_microlens.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return file_module.load("quality", ROOT / "bench" / "quality_microlens.py")
 
 
 def test_full_mode_scores_every_test_user_and_quick_mode_the_sample():

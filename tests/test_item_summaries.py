@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import file_module
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -397,13 +398,7 @@ def test_stage_survives_a_killed_actor(tmp_path, ray_local, monkeypatch):
 
 
 def test_job_runs_the_title_ablation_and_reruns_as_a_no_op(tmp_path, capsys, ray_local):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "summarize_items_job", REPO / "jobs" / "summarize_items.py"
-    )
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = file_module.load("summarize_items_job", REPO / "jobs" / "summarize_items.py")
     run = RunDir(str(tmp_path / "run"))
     write_items(run, make_items(10, injection=False))
     args = job.make_parser().parse_intermixed_args(

@@ -14,7 +14,6 @@ not mode 700 is refused, and the state file is read as data (a planted ``$(...)`
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import file_module
 import pytest
 from reduced_demo import REDUCED_DEMO
 
@@ -39,12 +39,7 @@ STAGES: list[str] | None = None
 
 
 def _helper():
-    spec = importlib.util.spec_from_file_location(
-        "_local_cluster", SCRIPT.with_name("_local_cluster.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return file_module.load("_local_cluster", SCRIPT.with_name("_local_cluster.py"))
 
 
 def _run(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
