@@ -453,18 +453,23 @@ def _quarantine_row() -> pa.Table:
     )
 
 
-@pytest.mark.slow
-def test_amazon_stage_fetches_urls_with_failures(ray_local, tmp_path, amazon_root):
-    ingest = {
+def _amazon_ingest(root: str) -> dict:
+    """The ``ingest`` section for the Amazon test dataset under ``root`` (its image URLs point to
+    the test server on loopback)."""
+    return {
         "format": "amazon",
-        "root": str(amazon_root),
+        "root": root,
         "http_timeout_s": 0.5,
         "http_retries": 1,
         "http_allow_hosts": ["127.0.0.1"],  # the test server is on loopback
         "http_concurrency": 4,
         "images": IMAGES,
     }
-    _, run, s = _run(tmp_path, "run", ingest)
+
+
+@pytest.mark.slow
+def test_amazon_stage_fetches_urls_with_failures(ray_local, tmp_path, amazon_root):
+    _, run, s = _run(tmp_path, "run", _amazon_ingest(str(amazon_root)))
     check_counts(s)
     assert s["items"]["quarantined_by_reason"] == {"bad_json": 1, "empty_text": 1}
     assert (s["images"]["read"], s["images"]["written"]) == (4, 1)
@@ -738,15 +743,7 @@ def test_amazon_and_generic_ingest_read_their_files_from_s3(
 ):
     """The amazon and generic readers take ``ingest.root=s3://...`` (files written by the test
     to the moto server): the same counts and rows as their local-path tests above."""
-    amazon = {
-        "format": "amazon",
-        "root": _upload(s3_server, amazon_root, f"raw-amazon-{tmp_path.name}"),
-        "http_timeout_s": 0.5,
-        "http_retries": 1,
-        "http_allow_hosts": ["127.0.0.1"],
-        "http_concurrency": 4,
-        "images": IMAGES,
-    }
+    amazon = _amazon_ingest(_upload(s3_server, amazon_root, f"raw-amazon-{tmp_path.name}"))
     _, run, s = _run(tmp_path, "amazon", amazon)
     check_counts(s)
     assert s["items"]["quarantined_by_reason"] == {"bad_json": 1, "empty_text": 1}
