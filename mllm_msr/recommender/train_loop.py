@@ -16,12 +16,14 @@ GPU) before anything is imported or built.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,22 @@ def _all_reduce(values: list[float], op=None) -> list[float]:
 def _all_mean(values: list[float]) -> tuple[float, int]:
     total, count = _all_reduce([sum(values), float(len(values))])
     return (total / count if count else float("nan")), int(count)
+
+
+@contextlib.contextmanager
+def _private_checkpoint_dir(checkpoint: Any) -> Iterator[str]:
+    """The files of a Ray Train checkpoint in a directory of this rank's own (a local checkpoint
+    is read where it is). Ray's ``Checkpoint.as_directory`` shares one temporary download among
+    the ranks of a node, and a rank that waited for another's download could find it deleted
+    already: "Checkpoint directory ... does not exist, even though it should have been created
+    by another process" (CI, 2 ranks on one node resuming from S3)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    with tempfile.TemporaryDirectory(prefix="mllm-msr-resume-") as tmp:
+        yield checkpoint.to_directory(tmp)
 
 
 def _all_gather(obj: Any) -> list:
@@ -250,7 +268,7 @@ class _Worker:
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
-            with checkpoint.as_directory() as d:
+            with _private_checkpoint_dir(checkpoint) as d:
                 saved = json.loads((Path(d) / STATE_FILE).read_text())
                 if saved["fingerprint"] != self.state["fingerprint"]:
                     raise ValueError(
